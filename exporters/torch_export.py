@@ -1,0 +1,284 @@
+"""torch → ONNX: the dynamo exporter first, the TorchScript exporter when dynamo cannot.
+
+An export only counts when ONNX Runtime loads the model and runs it, at the example sizes
+and, for dynamic models, at a second (batch, seq) too, with outputs of PyTorch's shapes.
+"auto" falls back to TorchScript when dynamo raises or its model fails that check, and says
+why in one line. The graph is kept as torch produced it (torch's own default cleanup only);
+optimizing it is the pass manager's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import math
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from txcompile.errors import TxError
+from txcompile.runtime.inputs import InputSpec, concrete_shape, make_feeds, write_specs
+from txcompile.runtime.session import create_session, max_abs_diff, run
+
+from .model import TorchModel
+from .quiet import captured, one_line
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+SOURCE_KEY = "txcompile.source"
+EXPORTER_KEY = "txcompile.exporter"
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """The exported model and how it was made.
+
+    ``max_diff`` is the largest |ORT - PyTorch| over the outputs on the example inputs (and
+    on the second sizes for dynamic models). ``warnings`` say what the user should know, e.g.
+    a dynamic axis the exporter fixed to its example size.
+    """
+
+    model: onnx.ModelProto
+    exporter: str
+    fallback_reason: str | None
+    seconds: float
+    max_diff: float
+    opset: int
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    log: str = ""
+
+
+class _Broken(Exception):
+    """The exporter returned a model that ONNX Runtime cannot load or run correctly."""
+
+
+def export_onnx(
+    model: TorchModel,
+    *,
+    opset: int | None = None,
+    exporter: str = "auto",
+    dims: Mapping[str, int] | None = None,
+    dynamic: bool = True,
+) -> ExportResult:
+    """Export ``model`` with ONNX input/output names equal to TorchModel's; see module doc."""
+    if exporter not in EXPORTERS:
+        raise TxError(f"unknown exporter {exporter!r}: choose {', '.join(EXPORTERS)}")
+    start = time.perf_counter()
+    dims = model.resolved_dims(dims)
+    args = model.example_args(dims)
+    try:
+        with torch.no_grad():
+            model.module(*args)
+    except Exception as err:
+        raise TxError(f"{model.source}: forward fails on example inputs: {one_line(err)}") from err
+    specs = model.inputs if dynamic else [_static(spec, dims) for spec in model.inputs]
+    attempts = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    failures: dict[str, str] = {}
+    for name in attempts:
+        log = io.StringIO()
+        try:
+            with captured() as buffer:
+                try:
+                    proto = _EXPORTERS[name](model, args, specs, opset)
+                finally:
+                    log.write(buffer.getvalue())
+            synced, kept, warnings = _graph_specs(proto, specs, name)
+            max_diff = _verify(model, proto, synced, dims)
+        except _Broken as err:
+            failures[name] = f"ONNX Runtime rejects its model: {err}"
+            continue
+        except Exception as err:  # torch raises many types; each is a reason to fall back
+            failures[name] = one_line(err)
+            continue
+        write_specs(proto, [spec for spec in synced if spec.name in kept])
+        _set_metadata(proto, {SOURCE_KEY: model.source, EXPORTER_KEY: name})
+        reason = failures.get("dynamo")
+        return ExportResult(
+            model=proto,
+            exporter=name,
+            fallback_reason=f"dynamo failed: {reason}" if reason else None,
+            seconds=time.perf_counter() - start,
+            max_diff=max_diff,
+            opset=_opset(proto),
+            warnings=warnings,
+            log=log.getvalue(),
+        )
+    detail = "; ".join(f"{name}: {reason}" for name, reason in failures.items())
+    raise TxError(f"export failed: {detail}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the two exporters
+
+
+def _export_dynamo(model: TorchModel, args: tuple, specs: list[InputSpec], opset: int | None):
+    program = torch.onnx.export(
+        model.module,
+        args,
+        dynamo=True,
+        verbose=False,
+        input_names=model.input_names,
+        output_names=model.output_names,
+        opset_version=opset,
+        dynamic_shapes=_dynamic_shapes(model.module, args, specs),
+    )
+    return program.model_proto
+
+
+def _export_torchscript(model: TorchModel, args: tuple, specs: list[InputSpec], opset: int | None):
+    buffer = io.BytesIO()
+    axes = {
+        spec.name: {axis: dim for axis, dim in enumerate(spec.shape) if isinstance(dim, str)}
+        for spec in specs
+    }
+    with torch.no_grad():
+        torch.onnx.export(
+            model.module,
+            args,
+            buffer,
+            dynamo=False,
+            verbose=False,
+            input_names=model.input_names,
+            output_names=model.output_names,
+            opset_version=opset,
+            dynamic_axes={name: value for name, value in axes.items() if value} or None,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+_EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+
+
+def _dynamic_shapes(module: torch.nn.Module, args: tuple, specs: list[InputSpec]):
+    """Per-argument {axis: name} maps laid out like ``forward``'s parameters (``*args`` nests).
+
+    Names become ``Dim.DYNAMIC`` axes that torch renames to ours in the ONNX graph, so an axis
+    the model really fixes is specialized quietly instead of failing the export.
+    """
+    shapes = [{axis: dim for axis, dim in enumerate(s.shape) if isinstance(dim, str)} or None for s in specs]
+    if all(shape is None for shape in shapes):
+        return None
+    try:
+        bound = inspect.signature(module.forward).bind(*args)
+    except (TypeError, ValueError):
+        return tuple(shapes)
+    layout, index = [], 0
+    for param_name, value in bound.arguments.items():
+        kind = inspect.signature(module.forward).parameters[param_name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            layout.append(tuple(shapes[index : index + len(value)]))
+            index += len(value)
+        else:
+            layout.append(shapes[index])
+            index += 1
+    return tuple(layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# checking the exported model
+
+
+def _verify(model: TorchModel, proto: onnx.ModelProto, specs: list[InputSpec], dims: dict) -> float:
+    """Max |ORT - PyTorch| at the example sizes and, when any axis is dynamic, at other sizes."""
+    try:
+        session = create_session(proto)
+    except Exception as err:
+        raise _Broken(f"cannot load: {one_line(err)}") from err
+    sizes = [dims]
+    if any(isinstance(dim, str) for spec in specs for dim in spec.shape):
+        sizes.append(_other_dims(dims))
+    worst = 0.0
+    for size in sizes:
+        feeds = make_feeds(specs, size)
+        expected = _torch_outputs(model, specs, feeds)
+        try:
+            actual = run(session, feeds)
+        except Exception as err:
+            raise _Broken(f"cannot run at {_describe(size)}: {one_line(err)}") from err
+        diff = max_abs_diff(actual, expected)
+        if math.isinf(diff):
+            got = [np.shape(v) for v in actual.values()]
+            want = [np.shape(v) for v in expected.values()]
+            raise _Broken(f"at {_describe(size)} outputs have shapes {got}, PyTorch's {want}")
+        worst = max(worst, diff)
+    return worst
+
+
+def _torch_outputs(model: TorchModel, specs: list[InputSpec], feeds: dict) -> dict[str, np.ndarray]:
+    args = [torch.from_numpy(feeds[spec.name]) for spec in specs]
+    with torch.no_grad():
+        outputs = flatten_outputs(model.module(*args))
+    names = [*model.output_names, *(f"output_{i}" for i in range(len(outputs)))]
+    return {name: _numpy(out) for name, out in zip(names, outputs, strict=False)}
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def flatten_outputs(outputs) -> list[torch.Tensor]:
+    """Tensors of a forward's result in order: a tensor, nested tuples/lists, or a dict."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, Mapping):
+        outputs = list(outputs.values())
+    if isinstance(outputs, list | tuple):
+        return [t for item in outputs if item is not None for t in flatten_outputs(item)]
+    return []
+
+
+def _graph_specs(proto: onnx.ModelProto, specs: list[InputSpec], exporter: str):
+    """Specs with the axes the exporter fixed made concrete, the names the graph kept, warnings.
+
+    Verification feeds every spec (PyTorch's forward takes them all; ORT ignores the inputs
+    the exporter dropped as unused); the metadata records only the kept ones.
+    """
+    graph_inputs = {v.name: v for v in proto.graph.input}
+    for tensor in proto.graph.initializer:
+        graph_inputs.pop(tensor.name, None)
+    synced, warnings = [], []
+    for spec in specs:
+        value = graph_inputs.get(spec.name)
+        shape = list(spec.shape)
+        graph_dims = value.type.tensor_type.shape.dim if value is not None else []
+        for axis, dim in enumerate(graph_dims[: len(shape)]):
+            if dim.HasField("dim_value") and isinstance(shape[axis], str):
+                warnings.append(
+                    f"{exporter} fixed axis {axis} ({shape[axis]}) of {spec.name} to {dim.dim_value}"
+                )
+                shape[axis] = dim.dim_value
+        synced.append(dataclasses.replace(spec, shape=tuple(shape)))
+    dropped = [spec.name for spec in specs if spec.name not in graph_inputs]
+    if dropped:
+        warnings.append(f"{exporter} dropped unused inputs: {', '.join(dropped)}")
+    return synced, set(graph_inputs), warnings
+
+
+def _static(spec: InputSpec, dims: Mapping[str, int]) -> InputSpec:
+    return dataclasses.replace(spec, shape=concrete_shape(spec, dims))
+
+
+def _other_dims(dims: Mapping[str, int]) -> dict[str, int]:
+    """Sizes unlike the example's: one more batch row, sequences about half as long."""
+    return {name: size + 1 if name == "batch" else max(2, size // 2 + 1) for name, size in dims.items()}
+
+
+def _describe(dims: Mapping[str, int]) -> str:
+    return ", ".join(f"{name}={size}" for name, size in dims.items())
+
+
+def _set_metadata(proto: onnx.ModelProto, values: Mapping[str, str]) -> None:
+    existing = {prop.key: prop for prop in proto.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            proto.metadata_props.add(key=key, value=value)
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)

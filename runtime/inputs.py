@@ -1,0 +1,190 @@
+"""Verification inputs: what each graph input means and how to draw valid values for it.
+
+Exporters record an :class:`InputSpec` per input in the model's metadata; for any other
+ONNX file the specs are inferred from the graph (token ids feed an embedding ``Gather``, so
+their valid range is that table's row count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from txcompile.errors import TxError
+
+METADATA_KEY = "txcompile.inputs"
+DEFAULT_DIMS = {"batch": 2, "seq": 16}
+KINDS = ("ids", "mask", "positions", "normal", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One graph input: dtype, shape (ints or symbolic names) and the kind of values it takes.
+
+    kinds: ``ids`` integers in [low, high); ``mask`` 1s then 0s (padding at the end of every
+    row but the first); ``positions`` 0..seq-1 per row; ``normal`` N(0, 1); ``uniform`` in
+    [low, high].
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    kind: str = "normal"
+    low: float = 0.0
+    high: float = 1.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> InputSpec:
+        return cls(**{**data, "shape": tuple(data["shape"])})
+
+
+def concrete_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
+    """Resolve symbolic dims by name; unnamed ones become batch (axis 0) or seq (others)."""
+    shape = []
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int) and dim > 0:
+            shape.append(dim)
+        elif isinstance(dim, str) and dim in dims:
+            shape.append(int(dims[dim]))
+        else:
+            shape.append(int(dims.get("batch" if axis == 0 else "seq", 1)))
+    return tuple(shape)
+
+
+def make_feeds(
+    specs: list[InputSpec], dims: Mapping[str, int] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Draw one valid input per spec; masks pad about a quarter of every row after the first."""
+    dims = {**DEFAULT_DIMS, **(dims or {})}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = concrete_shape(spec, dims)
+        dtype = np.dtype(spec.dtype)
+        if spec.kind == "ids":
+            value = rng.integers(int(spec.low), int(spec.high), size=shape)
+        elif spec.kind == "mask":
+            value = _padding_mask(shape)
+        elif spec.kind == "positions":
+            value = np.broadcast_to(np.arange(shape[-1]), shape).copy()
+        elif spec.kind == "uniform":
+            value = rng.uniform(spec.low, spec.high, size=shape)
+        else:
+            value = rng.standard_normal(size=shape)
+        feeds[spec.name] = np.ascontiguousarray(value.astype(dtype))
+    return feeds
+
+
+def _padding_mask(shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.ones(shape, dtype=np.int64)
+    if len(shape) == 2 and shape[1] > 1:
+        pad = max(1, shape[1] // 4)
+        mask[1:, shape[1] - pad :] = 0
+    return mask
+
+
+def write_specs(model: onnx.ModelProto, specs: list[InputSpec]) -> None:
+    """Record the specs in the model's metadata so later steps draw the same kind of inputs."""
+    text = json.dumps([s.to_json() for s in specs])
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = text
+            return
+    model.metadata_props.add(key=METADATA_KEY, value=text)
+
+
+def read_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The recorded specs, or specs inferred from the graph when none were recorded."""
+    recorded = {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY)
+    graph_inputs = _graph_inputs(model)
+    if recorded:
+        specs = [InputSpec.from_json(d) for d in json.loads(recorded)]
+        if sorted(s.name for s in specs) == sorted(i.name for i in graph_inputs):
+            return specs
+    return [_infer_spec(model, value) for value in graph_inputs]
+
+
+def load_npz(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Inputs given by the user; every graph input must be there."""
+    try:
+        with np.load(path) as data:
+            feeds = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise TxError(f"cannot read inputs {path}: {err}") from None
+    missing = [s.name for s in specs if s.name not in feeds]
+    if missing:
+        raise TxError(f"inputs {path} lack {', '.join(missing)}")
+    return {s.name: feeds[s.name].astype(np.dtype(s.dtype)) for s in specs}
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in initializers]
+
+
+def _infer_spec(model: onnx.ModelProto, value: onnx.ValueInfoProto) -> InputSpec:
+    tensor_type = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+    shape = tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim
+    )
+    name = value.name.lower()
+    if dtype == "bool" or "mask" in name:
+        return InputSpec(value.name, dtype, shape, "mask")
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        if "position" in name:
+            return InputSpec(value.name, dtype, shape, "positions")
+        rows = _embedding_rows(model, value.name)
+        return InputSpec(value.name, dtype, shape, "ids", 0, rows or 2)
+    return InputSpec(value.name, dtype, shape, "normal")
+
+
+def _embedding_rows(model: onnx.ModelProto, name: str) -> int | None:
+    """Rows of the smallest constant table this input indexes (through casts and reshapes)."""
+    tables = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
+    passthrough = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+    frontier, seen, rows = [name], {name}, []
+    while frontier:
+        current = frontier.pop()
+        for node in model.graph.node:
+            if current not in node.input:
+                continue
+            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == current:
+                if node.input[0] in tables:
+                    rows.append(tables[node.input[0]])
+            elif node.op_type in passthrough and node.input[0] == current:
+                for out in node.output:
+                    if out not in seen:
+                        seen.add(out)
+                        frontier.append(out)
+    return min(rows) if rows else None
+
+
+def dims_from_shapes(specs: list[InputSpec], shapes: list[str], dims: Mapping[str, int]) -> dict[str, int]:
+    """Fold ``name=1x3x32x32`` options into named dims; fixed axes must agree."""
+    result = dict(dims)
+    by_name = {s.name: s for s in specs}
+    for text in shapes:
+        name, _, value = text.partition("=")
+        if name not in by_name:
+            raise TxError(f"--input-shape {text}: no input named {name!r} (inputs: {', '.join(by_name)})")
+        try:
+            sizes = [int(v) for v in value.lower().split("x")]
+        except ValueError:
+            raise TxError(f"--input-shape {text}: expected NAME=AxBxC") from None
+        spec = by_name[name]
+        if len(sizes) != len(spec.shape) or min(sizes) <= 0:
+            raise TxError(f"--input-shape {text}: {name} has rank {len(spec.shape)}")
+        for axis, (dim, size) in enumerate(zip(spec.shape, sizes, strict=True)):
+            if isinstance(dim, int) and dim > 0 and dim != size:
+                raise TxError(f"--input-shape {text}: axis {axis} of {name} is fixed at {dim}")
+            if isinstance(dim, str):
+                result[dim] = size
+    return result

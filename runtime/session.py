@@ -1,0 +1,95 @@
+"""ONNX Runtime sessions per device, built from a ModelProto or a path.
+
+Models over the 2 GB protobuf limit are written to a temporary folder with external data
+and loaded from there, so every caller can hand over an in-memory model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from txcompile.errors import TxError
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROTOBUF_LIMIT = 2**31 - 2**24  # leave headroom below 2 GiB for the graph itself
+
+
+def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    return options
+
+
+def check_device(device: str) -> list[str]:
+    if device not in PROVIDERS:
+        raise TxError(f"unknown device {device!r}: choose cpu or cuda")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise TxError("device cuda needs onnxruntime-gpu with the CUDA execution provider")
+    return PROVIDERS[device]
+
+
+@contextlib.contextmanager
+def _loadable(model: onnx.ModelProto | str | os.PathLike) -> Iterator[str | bytes]:
+    """Bytes for small in-memory models, a temporary path with external data for large ones."""
+    if not isinstance(model, onnx.ModelProto):
+        yield os.fspath(model)
+        return
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="txcompile-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+        yield path
+
+
+def create_session(
+    model: onnx.ModelProto | str | os.PathLike,
+    device: str = "cpu",
+    threads: int | None = None,
+    optimize: bool = True,
+) -> ort.InferenceSession:
+    providers = check_device(device)
+    with _loadable(model) as loadable:
+        return ort.InferenceSession(loadable, session_options(threads, optimize), providers=providers)
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs by name; feeds the session does not take are left out."""
+    wanted = {i.name for i in session.get_inputs()}
+    outputs = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    return {o.name: value for o, value in zip(session.get_outputs(), outputs, strict=True)}
+
+
+def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """Largest absolute difference over outputs matched by position (names may differ)."""
+    if len(a) != len(b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(a.values(), b.values(), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.shape != y.shape:
+            return float("inf")
+        if x.size == 0:
+            continue
+        diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
+        if np.isnan(diff).any():
+            both_nan = np.isnan(x.astype(np.float64)) & np.isnan(y.astype(np.float64))
+            if not both_nan[np.isnan(diff)].all():
+                return float("inf")
+            diff = np.where(both_nan, 0.0, diff)
+        worst = max(worst, float(diff.max()))
+    return worst

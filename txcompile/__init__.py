@@ -1,0 +1,3 @@
+"""txcompile: compile PyTorch transformers into optimized, verified ONNX graphs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from txcompile.cli import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""The txcompile command line: export, optimize, compile, inspect, run, bench, passes.
+
+Exit codes: 0 ok, 1 verification failed, 2 bad input, 3 internal error. Errors are one line on
+stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from txcompile.errors import TxError, VerificationError
+
+DEFAULT_MODEL = "tiny-bert"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} needs positive integers")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _add_shape_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=_positive, help="batch size of the example/verification inputs")
+    parser.add_argument("--seq", type=_positive, help="sequence length of the example/verification inputs")
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=AxB",
+        help="shape of one input, e.g. pixel_values=1x3x32x32 (repeatable)",
+    )
+
+
+def _add_export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--opset", type=_positive, help="ONNX opset to export with")
+    parser.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--dynamic",
+        dest="dynamic",
+        action="store_true",
+        default=True,
+        help="dynamic batch and sequence axes (default)",
+    )
+    group.add_argument("--static", dest="dynamic", action="store_false", help="fix every input shape")
+    parser.add_argument(
+        "--attn-implementation",
+        choices=["eager", "sdpa"],
+        help="Hugging Face attention implementation to export",
+    )
+
+
+def _add_optimize_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="cpu", help="cpu or gpu (default cpu)")
+    parser.add_argument("--passes", type=_names, help="run exactly these passes, comma-separated")
+    parser.add_argument("--disable-pass", type=_names, default=[], action="extend", help="skip these passes")
+    parser.add_argument("--atol", type=float, default=1e-4, help="tolerance for exact passes (default 1e-4)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip numeric verification")
+    parser.add_argument("--inputs", help="verification inputs (.npz, one array per graph input)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="txcompile", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    export = commands.add_parser("export", help="export a PyTorch model to ONNX")
+    export.add_argument("model", help="built-in name, Hugging Face folder, or path/to/file.py:factory")
+    export.add_argument("-o", "--output", required=True)
+    _add_export_options(export)
+    _add_shape_options(export)
+
+    optimize = commands.add_parser("optimize", help="optimize an ONNX model")
+    optimize.add_argument("model", help="input .onnx")
+    optimize.add_argument("-o", "--output", required=True)
+    _add_optimize_options(optimize)
+    _add_shape_options(optimize)
+
+    compile_ = commands.add_parser("compile", help="export and optimize in one step")
+    compile_.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"built-in name, Hugging Face folder or file.py:factory (default {DEFAULT_MODEL})",
+    )
+    compile_.add_argument("-o", "--output", required=True)
+    compile_.add_argument("--save-export", help="also keep the plain export here (a baseline for bench)")
+    _add_export_options(compile_)
+    _add_optimize_options(compile_)
+    _add_shape_options(compile_)
+
+    inspect = commands.add_parser("inspect", help="show the pass report of a model or report.json")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--html", help="write the report as HTML to this file")
+
+    run = commands.add_parser("run", help="run a model in onnxruntime")
+    run.add_argument("model")
+    run.add_argument("--inputs", help="inputs (.npz); random valid inputs otherwise")
+    run.add_argument("--device", default="cpu", help="cpu or cuda")
+    run.add_argument("--save-outputs", help="write the outputs to this .npz")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--compare", help="another .onnx to run on the same inputs")
+    which.add_argument(
+        "--reference", action="store_true", help="compare with the PyTorch model this was exported from"
+    )
+    run.add_argument("--atol", type=float, default=1e-4)
+    _add_shape_options(run)
+
+    bench = commands.add_parser("bench", help="side-by-side latency in onnxruntime")
+    bench.add_argument("models", nargs="+")
+    bench.add_argument("--batch", type=_int_list, default=[1], help="batch sizes, comma-separated")
+    bench.add_argument("--seq", type=_int_list, default=[128], help="sequence lengths, comma-separated")
+    bench.add_argument("--threads", type=_positive, help="intra-op threads (default: all cores)")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--iters", type=_positive, default=20)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--json", help="also write the timings to this JSON file")
+
+    commands.add_parser("passes", help="list every pass and pipeline")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from txcompile import commands
+
+    try:
+        return getattr(commands, args.command.replace("-", "_"))(args) or 0
+    except VerificationError as err:
+        print(f"txcompile: verification failed: {err}", file=sys.stderr)
+        return err.exit_code
+    except TxError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"txcompile: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("txcompile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc()
+        line = (str(err).strip() or type(err).__name__).splitlines()[0]
+        print(
+            f"txcompile: internal error: {type(err).__name__}: {line} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""One function per CLI command; each returns the exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from txcompile import compiler, modelio, pipelines, render, report
+from txcompile.errors import TxError, VerificationError
+from txcompile.runtime import bench as benchmark
+from txcompile.runtime import inputs as model_inputs
+from txcompile.runtime import session as rt
+
+console = Console(highlight=False)
+
+
+def _exporters():
+    try:
+        from txcompile import exporters
+    except ImportError as err:
+        raise TxError(
+            f"exporting needs PyTorch ({err.name} is missing): pip install 'txcompile[torch,hf]'"
+        ) from None
+    return exporters
+
+
+def _settings(args, dims: dict[str, int]) -> compiler.Settings:
+    return compiler.Settings(
+        target=args.target,
+        passes=args.passes,
+        disable=args.disable_pass,
+        atol=args.atol,
+        verify=args.verify,
+        dims=dims,
+        inputs_npz=args.inputs,
+        debug=args.debug,
+    )
+
+
+def _base_dims(args) -> dict[str, int]:
+    return {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v}
+
+
+def _export(args):
+    exporters = _exporters()
+    torch_model = exporters.load_model_spec(args.model, attn_implementation=args.attn_implementation)
+    dims = model_inputs.dims_from_shapes(
+        torch_model.inputs, args.input_shape, {**torch_model.dims, **_base_dims(args)}
+    )
+    result = exporters.export_onnx(
+        torch_model, opset=args.opset, exporter=args.exporter, dims=dims, dynamic=args.dynamic
+    )
+    for warning in torch_model.warnings:
+        console.print(f"warning: {warning}")
+    fallback = f" (fell back: {result.fallback_reason})" if result.fallback_reason else ""
+    console.print(
+        f"exported {args.model} with the {result.exporter} exporter{fallback} in {result.seconds:.1f} s, "
+        f"opset {result.opset}; max diff vs PyTorch {result.max_diff:.3g}"
+    )
+    return torch_model, result, dims
+
+
+def export(args) -> int:
+    output = modelio.check_output_path(args.output)
+    _, result, _ = _export(args)
+    modelio.save_model(result.model, output)
+    console.print(f"wrote {output}")
+    return 0
+
+
+def _finish(outcome: compiler.Outcome, output: Path) -> int:
+    report_file = compiler.write(outcome, output)
+    render.print_report(outcome.report, console)
+    console.print(f"wrote {output} and {report_file}")
+    if outcome.passed is False:
+        check = outcome.report["verification"]
+        raise VerificationError(
+            f"max diff {check['max_diff']:.3g} vs {check['reference']} exceeds atol {check['atol']:g}"
+        )
+    return 0
+
+
+def optimize(args) -> int:
+    output = modelio.check_output_path(args.output, args.model)
+    pipelines.pass_names(args.target, args.passes, args.disable_pass)
+    model = modelio.load_model(args.model)
+    dims = model_inputs.dims_from_shapes(model_inputs.read_specs(model), args.input_shape, _base_dims(args))
+    outcome = compiler.optimize(model, _settings(args, dims), source=args.model, output=str(output))
+    return _finish(outcome, output)
+
+
+def compile(args) -> int:
+    output = modelio.check_output_path(args.output)
+    if args.save_export:
+        modelio.check_output_path(args.save_export, args.output)
+    pipelines.pass_names(args.target, args.passes, args.disable_pass)
+    torch_model, result, dims = _export(args)
+    if args.save_export:
+        modelio.save_model(result.model, args.save_export)
+    export_info = {
+        "exporter": result.exporter,
+        "fallback_reason": result.fallback_reason,
+        "opset": result.opset,
+        "seconds": result.seconds,
+        "max_diff": result.max_diff,
+    }
+    outcome = compiler.optimize(
+        result.model,
+        _settings(args, dims),
+        source=args.model,
+        output=str(output),
+        export=export_info,
+        torch_reference=_torch_runner(torch_model),
+        warnings=list(torch_model.warnings),
+    )
+    return _finish(outcome, output)
+
+
+def _torch_runner(torch_model):
+    import torch
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            outputs = torch_model.module(*[torch.from_numpy(feeds[s.name]) for s in torch_model.inputs])
+        outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
+        return {name: t.detach().numpy() for name, t in zip(torch_model.output_names, outputs, strict=True)}
+
+    return run
+
+
+def inspect(args) -> int:
+    path = Path(args.path)
+    if path.suffix == ".onnx":
+        path = report.report_path(path)
+        if not path.exists():
+            raise TxError(f"{args.path}: no report next to it ({path.name}); `txcompile optimize` writes one")
+    loaded = report.load(path)
+    if args.html:
+        modelio.write_text(args.html, render.to_html(loaded))
+        console.print(f"wrote {args.html}")
+    if args.json:
+        print(report.dumps(loaded), end="")
+    elif not args.html:
+        render.print_report(loaded, console)
+    return 0
+
+
+def _feeds(args, model) -> dict[str, np.ndarray]:
+    specs = model_inputs.read_specs(model)
+    if args.inputs:
+        return model_inputs.load_npz(args.inputs, specs)
+    dims = model_inputs.dims_from_shapes(specs, args.input_shape, _base_dims(args))
+    return model_inputs.make_feeds(specs, dims)
+
+
+def run(args) -> int:
+    model = modelio.load_model(args.model)
+    feeds = _feeds(args, model)
+    outputs = rt.run(rt.create_session(model, args.device), feeds)
+    table = Table(show_edge=False)
+    for column in ("output", "shape", "dtype", "mean", "std", "min", "max"):
+        table.add_column(column)
+    for name, value in outputs.items():
+        numeric = value.astype(np.float64) if value.size else np.zeros(1)
+        table.add_row(
+            name,
+            "x".join(map(str, value.shape)),
+            str(value.dtype),
+            f"{numeric.mean():.4g}",
+            f"{numeric.std():.4g}",
+            f"{numeric.min():.4g}",
+            f"{numeric.max():.4g}",
+        )
+    console.print(f"inputs: {', '.join(f'{k} {tuple(v.shape)}' for k, v in feeds.items())}")
+    console.print(table)
+    if args.save_outputs:
+        np.savez(args.save_outputs, **outputs)
+    other = None
+    if args.compare:
+        other_model = modelio.load_model(args.compare)
+        other, label = rt.run(rt.create_session(other_model, args.device), feeds), args.compare
+    elif args.reference:
+        source = {p.key: p.value for p in model.metadata_props}.get("txcompile.source")
+        if not source:
+            raise TxError(f"{args.model} records no PyTorch source (txcompile.source); use --compare")
+        other, label = _torch_runner(_exporters().load_model_spec(source))(feeds), f"PyTorch ({source})"
+    if other is not None:
+        diff = rt.max_abs_diff(outputs, other)
+        console.print(f"max diff vs {label}: {diff:.3g} (atol {args.atol:g})")
+        if not diff <= args.atol:
+            raise VerificationError(f"max diff {diff:.3g} vs {label} exceeds atol {args.atol:g}")
+    return 0
+
+
+def bench(args) -> int:
+    models = [(name, modelio.load_model(name)) for name in args.models]
+    specs = model_inputs.read_specs(models[0][1])
+    threads = args.threads or benchmark.default_threads()
+    sessions = [(name, rt.create_session(model, args.device, threads=threads)) for name, model in models]
+    table = Table(title=f"latency, {threads} threads, {args.device}", show_edge=False)
+    for column in ("batch", "seq", "model", "median ms", "p90 ms", "speedup"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    timings = []
+    for batch in args.batch:
+        for seq in args.seq:
+            dims = {"batch": batch, "seq": seq}
+            feeds = model_inputs.make_feeds(specs, dims)
+            for timing in benchmark.bench(sessions, feeds, dims, warmup=args.warmup, iters=args.iters):
+                timings.append(timing)
+                table.add_row(
+                    str(batch),
+                    str(seq),
+                    timing.model,
+                    f"{timing.median_ms:.2f}",
+                    f"{timing.p90_ms:.2f}",
+                    f"{timing.speedup:.2f}×",
+                )
+    console.print(table)
+    if args.json:
+        rows = [t.__dict__ for t in timings]
+        modelio.write_text(
+            args.json, json.dumps({"threads": threads, "device": args.device, "timings": rows}, indent=2)
+        )
+    return 0
+
+
+def passes(args) -> int:
+    table = Table(title="passes", show_edge=False)
+    for column in ("pass", "kind", "what it does"):
+        table.add_column(column)
+    for name, cls in pipelines.PASSES.items():
+        table.add_row(name, "exact" if cls.exact else "approximate", cls.summary)
+    console.print(table)
+    lines = Table(title="pipelines", show_edge=False)
+    for column in ("pipeline", "for", "passes"):
+        lines.add_column(column)
+    for name, (summary, names) in pipelines.PIPELINES.items():
+        lines.add_row(name, summary, ", ".join(names))
+    console.print(lines)
+    return 0

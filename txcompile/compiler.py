@@ -1,0 +1,134 @@
+"""The main job as functions: optimize an ONNX model, or export a PyTorch model and optimize it.
+
+Both end the same way: the final model is checked against its reference (the input graph, or
+PyTorch when we exported it) and written atomically beside its report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from txcompile import modelio, pipelines, report
+from txcompile.errors import TxError
+from txcompile.pass_manager import PassManager, PipelineResult
+from txcompile.passes.base import PassContext, op_histogram
+from txcompile.runtime import inputs as model_inputs
+from txcompile.runtime import session as rt
+
+
+@dataclasses.dataclass
+class Settings:
+    target: str = "cpu"
+    passes: Sequence[str] | None = None
+    disable: Sequence[str] = ()
+    atol: float = 1e-4
+    verify: bool = True
+    dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    inputs_npz: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    debug: bool = False
+
+
+@dataclasses.dataclass
+class Outcome:
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    passed: bool | None
+
+
+def verification_feeds(model: onnx.ModelProto, settings: Settings) -> dict[str, np.ndarray]:
+    specs = model_inputs.read_specs(model)
+    if settings.inputs_npz:
+        return model_inputs.load_npz(settings.inputs_npz, specs)
+    return model_inputs.make_feeds(specs, settings.dims)
+
+
+def optimize(
+    model: onnx.ModelProto,
+    settings: Settings,
+    *,
+    source: str,
+    output: str,
+    export: dict[str, Any] | None = None,
+    torch_reference=None,
+    warnings: list[str] | None = None,
+) -> Outcome:
+    """Run the target's pipeline; judge the result against PyTorch if given, else the input."""
+    device = pipelines.device_for(settings.target)
+    names = pipelines.pass_names(settings.target, settings.passes, settings.disable)
+    feeds = verification_feeds(model, settings)
+    if settings.verify:
+        _check_runs(model, feeds, device)
+    context = PassContext(settings.target, device, feeds, dict(settings.options))
+    manager = PassManager(
+        pipelines.build(names, context),
+        device=device,
+        atol=settings.atol,
+        verify=settings.verify,
+        debug=settings.debug,
+    )
+    result = manager.run(model, feeds)
+    final = result.model
+    verification = _verification(final, result, feeds, settings, device, torch_reference)
+    ops_before = op_histogram(ir.serde.deserialize_model(model))
+    ops_after = op_histogram(ir.serde.deserialize_model(final))
+    built = report.build(
+        source=source,
+        output=output,
+        target=settings.target,
+        device=device,
+        pipeline=result,
+        ops_before=ops_before,
+        ops_after=ops_after,
+        verification=verification,
+        export=export,
+        warnings=warnings,
+    )
+    return Outcome(final, built, verification.get("passed"))
+
+
+def _check_runs(model: onnx.ModelProto, feeds, device: str) -> None:
+    try:
+        rt.run(rt.create_session(model, device), feeds)
+    except Exception as err:
+        raise TxError(f"the input model does not run in onnxruntime ({device}): {_one_line(err)}") from None
+
+
+def _verification(final, result: PipelineResult, feeds, settings: Settings, device, torch_reference):
+    info: dict[str, Any] = {
+        "enabled": settings.verify,
+        "atol": settings.atol,
+        "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
+        "reference": "pytorch" if torch_reference is not None else "input model",
+        "max_diff": None,
+        "passed": None,
+        "exact": result.exact,
+    }
+    if not settings.verify:
+        rt.create_session(final, device)  # the final model must at least load
+        return info
+    outputs = result.final_outputs
+    reference = torch_reference(feeds) if torch_reference is not None else result.reference_outputs
+    info["max_diff"] = rt.max_abs_diff(reference, outputs)
+    if result.exact:
+        info["passed"] = info["max_diff"] <= settings.atol
+    return info
+
+
+def write(outcome: Outcome, output: str | Path) -> Path:
+    """Model first, then its report; both atomic."""
+    modelio.save_model(outcome.model, output)
+    path = report.report_path(output)
+    modelio.write_text(path, report.dumps(outcome.report))
+    return path
+
+
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip() or type(err).__name__).splitlines()[0][:300]

@@ -1,0 +1,173 @@
+"""The instrumented pass manager: run, measure, verify, and roll back what breaks.
+
+Each pass runs on a fresh IR copy of the last accepted model. Afterwards the copy must pass
+the ONNX checker, load in onnxruntime on the target device and — for exact passes — match the
+outputs of the graph before it within ``atol`` on the verification inputs. Otherwise the pass
+is rolled back and the report says why, so the final model always loads and runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from txcompile.passes.base import PASS_KEY, RULE_KEY, TxPass, all_nodes, op_key
+from txcompile.runtime import session as rt
+
+APPLIED, UNCHANGED, ROLLED_BACK = "applied", "unchanged", "rolled back"
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    summary: str
+    exact: bool
+    status: str = UNCHANGED
+    reason: str | None = None
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    nodes_added: int = 0
+    nodes_removed: int = 0
+    op_delta: dict[str, int] = dataclasses.field(default_factory=dict)
+    rule_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    max_diff: float | None = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    model: onnx.ModelProto
+    records: list[PassRecord]
+    reference_outputs: dict[str, np.ndarray] | None
+    final_outputs: dict[str, np.ndarray] | None
+
+    @property
+    def exact(self) -> bool:
+        return all(r.exact for r in self.records if r.status == APPLIED)
+
+
+class PassManager:
+    def __init__(
+        self,
+        passes: Sequence[TxPass],
+        *,
+        device: str = "cpu",
+        atol: float = 1e-4,
+        verify: bool = True,
+        debug: bool = False,
+    ) -> None:
+        self.passes = list(passes)
+        self.device = device
+        self.atol = atol
+        self.verify = verify
+        self.debug = debug
+
+    def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> PipelineResult:
+        outputs = rt.run(rt.create_session(model, self.device), feeds) if self.verify else None
+        reference = outputs
+        records = []
+        for tx_pass in self.passes:
+            record, candidate, candidate_outputs = self._run_one(tx_pass, model, feeds, outputs)
+            records.append(record)
+            if record.status == APPLIED:
+                model, outputs = candidate, candidate_outputs
+        return PipelineResult(model, records, reference, outputs)
+
+    def _run_one(self, tx_pass: TxPass, model: onnx.ModelProto, feeds, outputs):
+        record = PassRecord(tx_pass.name, tx_pass.summary, tx_pass.exact)
+        working = ir.serde.deserialize_model(model)
+        before = {id(n): op_key(n) for n in all_nodes(working)}
+        interface = [(v.name, v.type, v.shape) for v in working.graph.outputs]
+        start = time.perf_counter()
+        try:
+            result = tx_pass(working)
+        except Exception as err:  # a pass that raises is rolled back, never fatal
+            record.seconds = time.perf_counter() - start
+            return (
+                self._rolled_back(record, f"raised {type(err).__name__}: {_one_line(err)}", err),
+                None,
+                None,
+            )
+        record.seconds = time.perf_counter() - start
+        record.rule_counts = dict(tx_pass.rule_counts)
+        record.details = tx_pass.details
+        after = {id(n): n for n in all_nodes(result.model)}
+        record.nodes_before, record.nodes_after = len(before), len(after)
+        added = [n for key, n in after.items() if key not in before]
+        removed = [op for key, op in before.items() if key not in after]
+        record.nodes_added, record.nodes_removed = len(added), len(removed)
+        record.op_delta = _op_delta(removed, [op_key(n) for n in added])
+        if not result.modified and not added and not removed:
+            return record, None, None
+        for node in added:
+            node.metadata_props.setdefault(PASS_KEY, tx_pass.name)
+            node.metadata_props.setdefault(RULE_KEY, tx_pass.name)
+        _keep_interface(result.model.graph, interface)
+        candidate = ir.serde.serialize_model(result.model)
+        problem, candidate_outputs = self._check(candidate, feeds, outputs, tx_pass.exact, record)
+        if problem:
+            return self._rolled_back(record, problem), None, None
+        record.status = APPLIED
+        return record, candidate, candidate_outputs
+
+    def _check(self, candidate, feeds, outputs, exact, record):
+        try:
+            if candidate.ByteSize() < rt.PROTOBUF_LIMIT:
+                onnx.checker.check_model(candidate)
+        except Exception as err:
+            return f"fails the ONNX checker: {_one_line(err)}", None
+        if not self.verify:
+            return None, None
+        try:
+            new_outputs = rt.run(rt.create_session(candidate, self.device), feeds)
+        except Exception as err:
+            return f"onnxruntime ({self.device}) cannot run it: {_one_line(err)}", None
+        record.max_diff = rt.max_abs_diff(outputs, new_outputs)
+        if exact and not record.max_diff <= self.atol:
+            return f"exact pass drifted {record.max_diff:.3g} > atol {self.atol:g}", None
+        return None, new_outputs
+
+    def _rolled_back(self, record: PassRecord, reason: str, err: BaseException | None = None):
+        record.status = ROLLED_BACK
+        record.reason = reason
+        record.op_delta = {}
+        if self.debug and err is not None:
+            traceback.print_exception(err)
+        return record
+
+
+def _keep_interface(graph: ir.Graph, interface: list) -> None:
+    """Graph outputs keep their names, types and shapes when a pass replaced the value behind them."""
+    if len(graph.outputs) != len(interface):
+        return
+    taken = {v.name for v in graph.inputs} | set(graph.initializers)
+    taken |= {v.name for node in graph for v in node.outputs}
+    for value, (name, type_, shape) in zip(graph.outputs, interface, strict=True):
+        if value.name != name and name not in taken and not value.is_graph_input():
+            value.name = name
+        if value.type is None:
+            value.type = type_
+        if value.shape is None:
+            value.shape = shape
+
+
+def _op_delta(removed: list[str], added: list[str]) -> dict[str, int]:
+    delta: dict[str, int] = {}
+    for op in removed:
+        delta[op] = delta.get(op, 0) - 1
+    for op in added:
+        delta[op] = delta.get(op, 0) + 1
+    return {op: n for op, n in sorted(delta.items()) if n}
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]

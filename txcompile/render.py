@@ -1,0 +1,136 @@
+"""Show a report: onnxsim-style op table, one row per pass, verification; terminal or HTML."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}g}"
+
+
+def _rules(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name}×{n}" for name, n in counts.items()) or "-"
+
+
+def op_rows(report: dict) -> list[tuple[str, int, int]]:
+    before, after = report["ops"]["before"], report["ops"]["after"]
+    names = sorted(set(before) | set(after), key=lambda op: (-before.get(op, 0), op))
+    return [(op, before.get(op, 0), after.get(op, 0)) for op in names]
+
+
+def pass_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for record in report["passes"]:
+        change = f"+{record['nodes_added']} -{record['nodes_removed']}"
+        rows.append(
+            [
+                record["name"],
+                record["status"],
+                f"{record['seconds'] * 1000:.0f} ms",
+                change,
+                _rules(record["rule_counts"]),
+                _number(record["max_diff"]),
+                record["reason"] or ("exact" if record["exact"] else "approximate"),
+            ]
+        )
+    return rows
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = [
+        f"{report['source']} → {report['output']}  (target {report['target']}, device {report['device']})"
+    ]
+    export = report.get("export")
+    if export:
+        fallback = f"; fell back: {export['fallback_reason']}" if export.get("fallback_reason") else ""
+        lines.append(
+            f"exported with {export['exporter']} (opset {export['opset']}) in {export['seconds']:.1f} s, "
+            f"max diff vs PyTorch {_number(export['max_diff'])}{fallback}"
+        )
+    check = report["verification"]
+    if check.get("enabled"):
+        verdict = {True: "passed", False: "FAILED", None: "reported"}[check.get("passed")]
+        lines.append(
+            f"verification {verdict}: max diff vs {check['reference']} {_number(check['max_diff'])} "
+            f"(atol {check['atol']:g}) on {_shapes(check['inputs'])}"
+        )
+    else:
+        lines.append("verification skipped (--no-verify)")
+    analysis = report.get("analysis")
+    if analysis:
+        flops = (
+            f", {analysis['flops'] / 1e6:.2f} MFLOPs at the verification shapes"
+            if "flops" in analysis
+            else ""
+        )
+        lines.append(
+            f"{analysis['parameters']:,} parameters ({analysis['parameter_bytes'] / 2**20:.1f} MiB){flops}"
+        )
+    lines.extend(f"warning: {w}" for w in report.get("warnings", []))
+    return lines
+
+
+def _shapes(inputs: dict) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, info['shape']))}" for name, info in inputs.items()) or "-"
+
+
+def print_report(report: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    ops = Table(title="ops", show_edge=False)
+    for column in ("op", "before", "after", "change"):
+        ops.add_column(column, justify="left" if column == "op" else "right")
+    for op, before, after in op_rows(report):
+        style = None if before == after else "bold"
+        ops.add_row(
+            op, str(before), str(after), f"{after - before:+d}" if before != after else "", style=style
+        )
+    ops.add_row(
+        "total",
+        str(report["nodes"]["before"]),
+        str(report["nodes"]["after"]),
+        f"{report['nodes']['after'] - report['nodes']['before']:+d}",
+        style="dim",
+    )
+    passes = Table(title="passes", show_edge=False)
+    for column in ("pass", "status", "time", "nodes", "rules", "max diff", "note"):
+        passes.add_column(column)
+    for row in pass_rows(report):
+        passes.add_row(*row, style="red" if row[1] == "rolled back" else None)
+    lines = summary_lines(report)
+    head = 2 if report.get("export") else 1
+    for line in lines[:head]:
+        console.print(line, highlight=False)
+    console.print(ops)
+    console.print(passes)
+    for line in lines[head:]:
+        console.print(line, highlight=False)
+
+
+def to_html(report: dict) -> str:
+    def table(head: list[str], rows: list[list]) -> str:
+        cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+        )
+        return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+    ops = [[op, b, a, f"{a - b:+d}" if a != b else ""] for op, b, a in op_rows(report)]
+    passes = table(["pass", "status", "time", "nodes", "rules", "max diff", "note"], pass_rows(report))
+    lines = "".join(f"<p>{html.escape(line)}</p>" for line in summary_lines(report))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>txcompile report</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>"
+        f"<h1>txcompile report</h1>{lines}<h2>ops</h2>{table(['op', 'before', 'after', 'change'], ops)}"
+        f"<h2>passes</h2>{passes}"
+        "</body></html>\n"
+    )

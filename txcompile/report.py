@@ -1,0 +1,85 @@
+"""The pass report: one JSON document next to every optimized model (schema in the README)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from txcompile.errors import TxError
+
+SCHEMA = "txcompile-report/1"
+
+
+def report_path(model_path: str | Path) -> Path:
+    """``out.onnx`` → ``out.report.json``."""
+    path = Path(model_path)
+    return path.with_name(path.stem + ".report.json")
+
+
+def build(
+    *,
+    source: str,
+    output: str,
+    target: str,
+    device: str,
+    pipeline,
+    ops_before: dict[str, int],
+    ops_after: dict[str, int],
+    verification: dict[str, Any],
+    export: dict[str, Any] | None = None,
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
+    from txcompile import __version__
+
+    records = [dataclasses.asdict(r) for r in pipeline.records]
+    analysis = next((r["details"] for r in reversed(records) if r["name"] == "analyze"), None)
+    return _finite(
+        {
+            "schema": SCHEMA,
+            "txcompile": __version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "source": source,
+            "output": output,
+            "target": target,
+            "device": device,
+            "export": export,
+            "verification": verification,
+            "ops": {"before": ops_before, "after": ops_after},
+            "nodes": {"before": sum(ops_before.values()), "after": sum(ops_after.values())},
+            "passes": records,
+            "analysis": analysis,
+            "warnings": warnings or [],
+        }
+    )
+
+
+def dumps(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2) + "\n"
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TxError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TxError(f"{path}: not a readable report: {err}") from None
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+        raise TxError(f"{path}: not a txcompile report (schema {SCHEMA} expected)")
+    return report
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
