@@ -38,6 +38,7 @@ def _settings(args, dims: dict[str, int]) -> compiler.Settings:
         dims=dims,
         inputs_npz=args.inputs,
         debug=args.debug,
+        options=dict(vars(args)),  # every flag, so pass families can read their own
     )
 
 
