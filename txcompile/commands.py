@@ -22,9 +22,9 @@ def _exporters():
     try:
         from txcompile import exporters
     except ImportError as err:
-        raise TxError(
-            f"exporting needs PyTorch ({err.name} is missing): pip install 'txcompile[torch,hf]'"
-        ) from None
+        if err.name != "torch":
+            raise
+        raise TxError("exporting needs PyTorch: pip install 'txcompile[torch,hf]'") from None
     return exporters
 
 

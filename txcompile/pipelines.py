@@ -23,7 +23,6 @@ PASSES: dict[str, type[TxPass]] = {
 CLEANUP = ["fold-constants", "simplify-shapes", "remove-identity", "eliminate-cse", "remove-unused"]
 
 PIPELINES: dict[str, tuple[str, list[str]]] = {
-    "cleanup": ("generic cleanup only", CLEANUP),
     "cpu": ("onnxruntime CPU execution provider, fp32", [*CLEANUP, "analyze"]),
     "gpu": ("onnxruntime CUDA execution provider", [*CLEANUP, "analyze"]),
 }

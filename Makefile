@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11+:
+#   make demo   export, optimize, verify, run and time the built-in tiny-bert; print the pass report
+#   make test   the whole test suite (model-zoo tests included)
+# Both create .venv if it is missing and install what they need into it.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.txcompile-installed
+OUT := out
+TX := $(BIN)/txcompile
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit("txcompile needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -e '.[torch,hf,he,dev]' -c requirements-dev.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p $(OUT)
+	$(TX) compile tiny-bert -o $(OUT)/tiny-bert.onnx --save-export $(OUT)/tiny-bert.export.onnx
+	$(TX) run $(OUT)/tiny-bert.onnx --reference
+	$(TX) bench $(OUT)/tiny-bert.export.onnx $(OUT)/tiny-bert.onnx --batch 1,8 --seq 128
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check txcompile passes exporters runtime tests
+
+clean:
+	rm -rf $(OUT) $(VENV)
