@@ -16,7 +16,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
-
 from txcompile.runtime.inputs import InputSpec
 
 from .model import TorchModel
@@ -25,7 +24,7 @@ VOCAB = 1000
 HIDDEN = 64
 LAYERS = 2
 HEADS = 4
-MAX_POSITIONS = 128
+MAX_POSITIONS = 512
 
 
 def _masked_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,7 +51,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """LLaMA's RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+    """LLaMA's RMSNorm: weight * x / sqrt(mean(x^2) + eps)."""
 
     def __init__(self, size: int, eps: float = 1e-6):
         super().__init__()

@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Mapping
 
 import torch
-
 from txcompile.runtime.inputs import InputSpec, make_feeds
 
 
@@ -41,9 +40,7 @@ class TorchModel:
         """The model's default dims overridden by ``dims``."""
         return {**self.dims, **(dims or {})}
 
-    def example_inputs(
-        self, dims: Mapping[str, int] | None = None, seed: int = 0
-    ) -> dict[str, torch.Tensor]:
+    def example_inputs(self, dims: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         """Inputs by name drawn from the specs (masks pad the end of every row but the first)."""
         feeds = make_feeds(self.inputs, self.resolved_dims(dims), seed)
         return {name: torch.from_numpy(value) for name, value in feeds.items()}
@@ -52,3 +49,14 @@ class TorchModel:
         """The example inputs as the positional tuple ``forward`` takes."""
         feeds = self.example_inputs(dims, seed)
         return tuple(feeds[name] for name in self.input_names)
+
+
+def flatten_outputs(outputs) -> list[torch.Tensor]:
+    """Tensors of a forward's result in order: a tensor, nested tuples/lists, or a dict."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, Mapping):
+        outputs = list(outputs.values())
+    if isinstance(outputs, list | tuple):
+        return [t for item in outputs if item is not None for t in flatten_outputs(item)]
+    return []

@@ -13,18 +13,19 @@ import dataclasses
 import inspect
 import io
 import math
+import re
 import time
 from collections.abc import Mapping
 
 import numpy as np
 import onnx
 import torch
-
-from txcompile.errors import TxError
 from txcompile.runtime.inputs import InputSpec, concrete_shape, make_feeds, write_specs
 from txcompile.runtime.session import create_session, max_abs_diff, run
 
-from .model import TorchModel
+from txcompile.errors import TxError
+
+from .model import TorchModel, flatten_outputs
 from .quiet import captured, one_line
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -77,21 +78,21 @@ def export_onnx(
     specs = model.inputs if dynamic else [_static(spec, dims) for spec in model.inputs]
     attempts = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     failures: dict[str, str] = {}
+    last_error: Exception | None = None
     for name in attempts:
         log = io.StringIO()
         try:
-            with captured() as buffer:
-                try:
-                    proto = _EXPORTERS[name](model, args, specs, opset)
-                finally:
-                    log.write(buffer.getvalue())
+            with captured(log):
+                proto = _EXPORTERS[name](model, args, specs, opset)
             synced, kept, warnings = _graph_specs(proto, specs, name)
-            max_diff = _verify(model, proto, synced, dims)
+            warnings += _tracer_warnings(log.getvalue())
+            max_diff, unchecked = _verify(model, proto, synced, dims)
+            warnings += unchecked
         except _Broken as err:
-            failures[name] = f"ONNX Runtime rejects its model: {err}"
+            failures[name], last_error = f"ONNX Runtime rejects its model: {err}", err
             continue
         except Exception as err:  # torch raises many types; each is a reason to fall back
-            failures[name] = one_line(err)
+            failures[name], last_error = one_line(err), err
             continue
         write_specs(proto, [spec for spec in synced if spec.name in kept])
         _set_metadata(proto, {SOURCE_KEY: model.source, EXPORTER_KEY: name})
@@ -107,7 +108,7 @@ def export_onnx(
             log=log.getvalue(),
         )
     detail = "; ".join(f"{name}: {reason}" for name, reason in failures.items())
-    raise TxError(f"export failed: {detail}")
+    raise TxError(f"export failed: {detail}") from last_error  # the chain keeps the traceback
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +126,46 @@ def _export_dynamo(model: TorchModel, args: tuple, specs: list[InputSpec], opset
         opset_version=opset,
         dynamic_shapes=_dynamic_shapes(model.module, args, specs),
     )
-    return program.model_proto
+    proto = program.model_proto
+    _fix_specialized_dims(proto, program, args, specs)
+    _rename_dims(proto, specs)
+    return proto
+
+
+def _fix_specialized_dims(proto: onnx.ModelProto, program, args: tuple, specs: list[InputSpec]) -> None:
+    """Write the sizes torch.export fixed into the graph inputs (torch leaves their symbols there).
+
+    An axis is fixed when its symbol has no range or a range of one value: torch.export proved
+    it equals the example's size (e.g. a reshape to a constant), so the graph runs at that only.
+    """
+    try:
+        exported = program.exported_program
+        free = {
+            str(symbol)
+            for symbol, bounds in exported.range_constraints.items()
+            if bounds.lower != bounds.upper
+        }
+        placeholders = [
+            node
+            for node in exported.graph.nodes
+            if node.op == "placeholder" and node.name in set(exported.graph_signature.user_inputs)
+        ]
+    except Exception:  # private structure of torch: without it the check after export still runs
+        return
+    inputs = {value.name: value for value in proto.graph.input}
+    for spec, node, arg in zip(specs, placeholders, args, strict=False):
+        value = inputs.get(spec.name)
+        shape = getattr(node.meta.get("val"), "shape", None)
+        if value is None or shape is None or not isinstance(arg, torch.Tensor):
+            continue
+        for axis, (dim, size) in enumerate(zip(shape, arg.shape, strict=False)):
+            graph_dim = value.type.tensor_type.shape.dim
+            if axis >= len(graph_dim) or not isinstance(spec.shape[axis], str):
+                continue
+            if isinstance(dim, torch.SymInt) and str(dim) in free:
+                continue
+            graph_dim[axis].Clear()
+            graph_dim[axis].dim_value = int(size)
 
 
 def _export_torchscript(model: TorchModel, args: tuple, specs: list[InputSpec], opset: int | None):
@@ -153,12 +193,14 @@ _EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 
 
 def _dynamic_shapes(module: torch.nn.Module, args: tuple, specs: list[InputSpec]):
-    """Per-argument {axis: name} maps laid out like ``forward``'s parameters (``*args`` nests).
+    """Per-argument {axis: Dim.AUTO} maps laid out like ``forward``'s parameters (``*args`` nests).
 
-    Names become ``Dim.DYNAMIC`` axes that torch renames to ours in the ONNX graph, so an axis
-    the model really fixes is specialized quietly instead of failing the export.
+    ``Dim.AUTO`` rather than named dims: an axis the model really fixes (a learned position
+    table of one length) is then specialized instead of failing the export; ``_rename_dims``
+    gives the symbolic axes our names afterwards, and the check reports the fixed ones.
     """
-    shapes = [{axis: dim for axis, dim in enumerate(s.shape) if isinstance(dim, str)} or None for s in specs]
+    auto = torch.export.Dim.AUTO
+    shapes = [{axis: auto for axis, dim in enumerate(s.shape) if isinstance(dim, str)} or None for s in specs]
     if all(shape is None for shape in shapes):
         return None
     try:
@@ -177,12 +219,41 @@ def _dynamic_shapes(module: torch.nn.Module, args: tuple, specs: list[InputSpec]
     return tuple(layout)
 
 
+def _rename_dims(proto: onnx.ModelProto, specs: list[InputSpec]) -> None:
+    """Replace torch's symbols (s0, s27, ...) by the specs' names ("batch", "seq") everywhere."""
+    by_name = {spec.name: spec for spec in specs}
+    mapping: dict[str, str] = {}
+    for value in proto.graph.input:
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        for dim, wanted in zip(value.type.tensor_type.shape.dim, spec.shape, strict=False):
+            if dim.dim_param and isinstance(wanted, str):
+                mapping.setdefault(dim.dim_param, wanted)
+    if not mapping:
+        return
+    pattern = re.compile(
+        r"\b(" + "|".join(re.escape(k) for k in sorted(mapping, key=len, reverse=True)) + r")\b"
+    )
+    values = [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: mapping[m.group(1)], dim.dim_param)
+
+
 # ---------------------------------------------------------------------------------------------
 # checking the exported model
 
 
-def _verify(model: TorchModel, proto: onnx.ModelProto, specs: list[InputSpec], dims: dict) -> float:
-    """Max |ORT - PyTorch| at the example sizes and, when any axis is dynamic, at other sizes."""
+def _verify(
+    model: TorchModel, proto: onnx.ModelProto, specs: list[InputSpec], dims: dict
+) -> tuple[float, list[str]]:
+    """Max |ORT - PyTorch| at the example sizes and, when any axis is dynamic, at other sizes.
+
+    When PyTorch itself fails at the other sizes the model is static in truth: that is said
+    in a warning, not blamed on the exporter.
+    """
     try:
         session = create_session(proto)
     except Exception as err:
@@ -190,10 +261,19 @@ def _verify(model: TorchModel, proto: onnx.ModelProto, specs: list[InputSpec], d
     sizes = [dims]
     if any(isinstance(dim, str) for spec in specs for dim in spec.shape):
         sizes.append(_other_dims(dims))
-    worst = 0.0
+    worst, warnings = 0.0, []
     for size in sizes:
         feeds = make_feeds(specs, size)
-        expected = _torch_outputs(model, specs, feeds)
+        try:
+            expected = _torch_outputs(model, specs, feeds)
+        except Exception as err:
+            if size is dims:
+                raise
+            warnings.append(
+                f"dynamic axes unchecked: PyTorch fails at {_describe(size)} ({one_line(err)}); "
+                "export with dynamic=False if the model takes one size only"
+            )
+            continue
         try:
             actual = run(session, feeds)
         except Exception as err:
@@ -204,7 +284,7 @@ def _verify(model: TorchModel, proto: onnx.ModelProto, specs: list[InputSpec], d
             want = [np.shape(v) for v in expected.values()]
             raise _Broken(f"at {_describe(size)} outputs have shapes {got}, PyTorch's {want}")
         worst = max(worst, diff)
-    return worst
+    return worst, warnings
 
 
 def _torch_outputs(model: TorchModel, specs: list[InputSpec], feeds: dict) -> dict[str, np.ndarray]:
@@ -218,17 +298,6 @@ def _torch_outputs(model: TorchModel, specs: list[InputSpec], feeds: dict) -> di
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach().cpu()
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-
-
-def flatten_outputs(outputs) -> list[torch.Tensor]:
-    """Tensors of a forward's result in order: a tensor, nested tuples/lists, or a dict."""
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, Mapping):
-        outputs = list(outputs.values())
-    if isinstance(outputs, list | tuple):
-        return [t for item in outputs if item is not None for t in flatten_outputs(item)]
-    return []
 
 
 def _graph_specs(proto: onnx.ModelProto, specs: list[InputSpec], exporter: str):
@@ -256,6 +325,17 @@ def _graph_specs(proto: onnx.ModelProto, specs: list[InputSpec], exporter: str):
     if dropped:
         warnings.append(f"{exporter} dropped unused inputs: {', '.join(dropped)}")
     return synced, set(graph_inputs), warnings
+
+
+def _tracer_warnings(log: str) -> list[str]:
+    """TorchScript's hints that tracing baked a value in (e.g. one branch of an ``if``)."""
+    found = []
+    for line in log.splitlines():
+        if line.startswith("TracerWarning: "):
+            sentence = line.split(". ")[0].rstrip(".") + "."
+            if sentence not in found:
+                found.append(sentence)
+    return found
 
 
 def _static(spec: InputSpec, dims: Mapping[str, int]) -> InputSpec:

@@ -74,6 +74,93 @@ def _add_optimize_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-4, help="tolerance for exact passes (default 1e-4)")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip numeric verification")
     parser.add_argument("--inputs", help="verification inputs (.npz, one array per graph input)")
+    _add_sparsity_options(parser)
+    _add_he_options(parser)
+    _add_attention_options(parser)
+
+
+def _add_attention_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--attention-op",
+        choices=["ms", "onnx"],
+        default="ms",
+        help="fused attention as com.microsoft MultiHeadAttention (default) or ONNX Attention (opset 23)",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any attention site stays unfused")
+
+
+def _add_he_options(parser: argparse.ArgumentParser) -> None:
+    """--target he: polynomial form for CKKS (calibration inputs come from --calib)."""
+    parser.add_argument(
+        "--he-mode",
+        choices=["approx", "power-softmax"],
+        help="approx: post-training polynomials (default); power-softmax: softmax → x^p / Σ x^p",
+    )
+    parser.add_argument("--he-margin", type=float, help="widen calibrated ranges by this factor (default 1.5)")
+    parser.add_argument("--he-tol", type=float, help="max error per approximation on its domain (default 1e-3)")
+    parser.add_argument("--he-power", type=_positive, help="even power p of power-softmax (default 4)")
+    parser.add_argument(
+        "--level-budget", type=_positive, help="CKKS levels available; deeper graphs need bootstrapping"
+    )
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1 (exclusive), e.g. 0.9")
+    return value
+
+
+def _block(text: str) -> str:
+    from txcompile.passes.sparsity.blocks import parse_block
+
+    try:
+        return str(parse_block(text))
+    except TxError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_sparsity_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sparsity", type=_fraction, help="prune every linear layer to this sparsity, e.g. 0.9"
+    )
+    parser.add_argument(
+        "--block",
+        type=_block,
+        help="pruning block ROWSxCOLS of W[K,N] (default 1x32), or neuron (structured)",
+    )
+    parser.add_argument(
+        "--prune-score", choices=["magnitude", "activation"], help="block score (default magnitude)"
+    )
+    parser.add_argument(
+        "--calib", help="calibration inputs (.npz) for --prune-score activation and --target he ranges"
+    )
+    parser.add_argument("--balanced", action="store_true", help="same number of blocks in every column group")
+    parser.add_argument(
+        "--prune-final", action="store_true", help="also prune the final projection / tied embeddings"
+    )
+    parser.add_argument(
+        "--sparse-decision",
+        choices=["measure", "cost", "always"],
+        help="how sparse-matmul picks sparse over dense per layer (default measure)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16", "int8", "int4"],
+        help="numeric precision: gpu default fp16 (fp16/bf16 where kernels allow), cpu default fp32; "
+        "int8: dynamic int8 MatMuls (cpu; with --sparsity, int8 column groups); int4: weight-only",
+    )
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        help="int8/int4: keep the most sensitive MatMuls fp32 until outputs match fp32 this well",
+    )
+    parser.add_argument(
+        "--low-precision-io", action="store_true", help="fp16/bf16: graph inputs/outputs in half too"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", action="store_true", help="compare with the PyTorch model this was exported from"
     )
     run.add_argument("--atol", type=float, default=1e-4)
+    run.add_argument(
+        "--encrypted", action="store_true", help="evaluate a polynomial graph under CKKS (TenSEAL)"
+    )
+    run.add_argument("--level-budget", type=_positive, help="refuse graphs deeper than this many levels")
     _add_shape_options(run)
 
     bench = commands.add_parser("bench", help="side-by-side latency in onnxruntime")

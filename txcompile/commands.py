@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from txcompile.runtime import bench as benchmark
 from txcompile.runtime import inputs as model_inputs
 from txcompile.runtime import session as rt
 
-console = Console(highlight=False)
+# Pipes and CI logs get a wide console so report tables are never cut to 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _exporters():
@@ -73,10 +75,16 @@ def export(args) -> int:
     return 0
 
 
-def _finish(outcome: compiler.Outcome, output: Path) -> int:
+def _finish(outcome: compiler.Outcome, output: Path, strict: bool = False) -> int:
     report_file = compiler.write(outcome, output)
     render.print_report(outcome.report, console)
     console.print(f"wrote {output} and {report_file}")
+    unfused = [s for s in render.attention_coverage(outcome.report) if s["status"] != "fused"]
+    if strict and unfused:
+        first = unfused[0]
+        raise VerificationError(
+            f"--strict: {len(unfused)} attention site(s) unfused; {first['site']}: {first['reason']}"
+        )
     if outcome.passed is False:
         check = outcome.report["verification"]
         raise VerificationError(
@@ -91,7 +99,7 @@ def optimize(args) -> int:
     model = modelio.load_model(args.model)
     dims = model_inputs.dims_from_shapes(model_inputs.read_specs(model), args.input_shape, _base_dims(args))
     outcome = compiler.optimize(model, _settings(args, dims), source=args.model, output=str(output))
-    return _finish(outcome, output)
+    return _finish(outcome, output, strict=getattr(args, "strict", False))
 
 
 def compile(args) -> int:
@@ -118,7 +126,7 @@ def compile(args) -> int:
         torch_reference=_torch_runner(torch_model),
         warnings=list(torch_model.warnings),
     )
-    return _finish(outcome, output)
+    return _finish(outcome, output, strict=getattr(args, "strict", False))
 
 
 def _torch_runner(torch_model):
@@ -161,6 +169,8 @@ def _feeds(args, model) -> dict[str, np.ndarray]:
 def run(args) -> int:
     model = modelio.load_model(args.model)
     feeds = _feeds(args, model)
+    if getattr(args, "encrypted", False):
+        return _run_encrypted(args, model, feeds)
     outputs = rt.run(rt.create_session(model, args.device), feeds)
     table = Table(show_edge=False)
     for column in ("output", "shape", "dtype", "mean", "std", "min", "max"):
@@ -194,6 +204,26 @@ def run(args) -> int:
         console.print(f"max diff vs {label}: {diff:.3g} (atol {args.atol:g})")
         if not diff <= args.atol:
             raise VerificationError(f"max diff {diff:.3g} vs {label} exceeds atol {args.atol:g}")
+    return 0
+
+
+def _run_encrypted(args, model, feeds) -> int:
+    """CKKS (TenSEAL) evaluation of a polynomial graph, compared with its plaintext ORT run."""
+    from txcompile.runtime import he
+
+    result = he.run_encrypted(model, feeds, args.level_budget)
+    params = result.parameters
+    console.print(
+        f"encrypted run: {result.seconds:.1f} s, depth {result.depth} levels, "
+        f"{result.ciphertexts} input ciphertexts; CKKS N={params['poly_modulus_degree']}, "
+        f"moduli {params['coeff_mod_bit_sizes']}, scale {params['global_scale']}; "
+        f"mults {params['multiplications']}"
+    )
+    console.print(f"max diff decrypted vs plaintext ORT: {result.max_diff:.3g} (atol {args.atol:g})")
+    if args.save_outputs:
+        np.savez(args.save_outputs, **result.outputs)
+    if not result.max_diff <= args.atol:
+        raise VerificationError(f"decrypted outputs differ by {result.max_diff:.3g} > atol {args.atol:g}")
     return 0
 
 

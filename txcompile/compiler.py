@@ -63,6 +63,7 @@ def optimize(
     """Run the target's pipeline; judge the result against PyTorch if given, else the input."""
     device = pipelines.device_for(settings.target)
     names = pipelines.pass_names(settings.target, settings.passes, settings.disable)
+    names = pipelines.with_sparsity(names, settings.options)
     feeds = verification_feeds(model, settings)
     if settings.verify:
         _check_runs(model, feeds, device)

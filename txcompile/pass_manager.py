@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from txcompile.errors import TxError
 from txcompile.passes.base import PASS_KEY, RULE_KEY, TxPass, all_nodes, op_key
 from txcompile.runtime import session as rt
 
@@ -89,6 +90,8 @@ class PassManager:
         start = time.perf_counter()
         try:
             result = tx_pass(working)
+        except TxError:  # bad input or a contract the user asked for: one line, exit 2
+            raise
         except Exception as err:  # a pass that raises is rolled back, never fatal
             record.seconds = time.perf_counter() - start
             return (

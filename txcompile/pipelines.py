@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from txcompile.depth import HeDepth
 from txcompile.errors import TxError
-from txcompile.passes import analyze, cleanup
+from txcompile.passes import analyze, cleanup, fold_batchnorm, norm_affine, norms, preln_rmsnorm
+from txcompile.passes.activations import FuseActivations
+from txcompile.passes.attention_fusion import FuseAttention
 from txcompile.passes.base import PassContext, TxPass
+from txcompile.passes.kernel_check import KernelCheck
+from txcompile.passes.precision import Precision
+from txcompile.passes.quantize import Quantize
+from txcompile.passes.polynomial.contract import CheckContract
+from txcompile.passes.polynomial.rewrite import PolynomialForm
+from txcompile.passes.sparsity import Prune, SparseMatMul, SparsityReport
 
 PASSES: dict[str, type[TxPass]] = {
     cls.name: cls
@@ -17,17 +26,47 @@ PASSES: dict[str, type[TxPass]] = {
         cleanup.EliminateCommonSubexpressions,
         cleanup.RemoveUnused,
         analyze.Analyze,
+        FuseAttention,
+        FuseActivations,
+        fold_batchnorm.FoldBatchNorm,
+        norms.FuseNorms,
+        norm_affine.FoldNormAffine,
+        preln_rmsnorm.PreLnToRmsNorm,
+        SparsityReport,
+        Prune,
+        SparseMatMul,
+        PolynomialForm,
+        CheckContract,
+        HeDepth,
+        Quantize,
+        Precision,
+        KernelCheck,
     )
 }
 
+# --precision picks what quantize / precision do (each is a no-op otherwise); kernel-check is last.
+TARGET_FIT = ["quantize", "precision", "kernel-check"]
+
 CLEANUP = ["fold-constants", "simplify-shapes", "remove-identity", "eliminate-cse", "remove-unused"]
+NORMS = ["fold-batchnorm", "fuse-norms"]  # exact; fold-norm-affine and preln-to-rmsnorm are opt-in
 
 PIPELINES: dict[str, tuple[str, list[str]]] = {
-    "cpu": ("onnxruntime CPU execution provider, fp32", [*CLEANUP, "analyze"]),
-    "gpu": ("onnxruntime CUDA execution provider", [*CLEANUP, "analyze"]),
+    "cpu": (
+        "onnxruntime CPU execution provider, fp32",
+        [*CLEANUP, *NORMS, "fuse-attention", "fuse-activations", "sparse-matmul", *TARGET_FIT, "analyze"],
+    ),
+    "gpu": (
+        "onnxruntime CUDA execution provider",
+        [*CLEANUP, *NORMS, "fuse-attention", "fuse-activations", *TARGET_FIT, "analyze"],
+    ),
 }
 
-TARGETS = {"cpu": "cpu", "gpu": "cuda"}  # target → device whose kernels it emits for
+PIPELINES["he"] = (
+    "CKKS homomorphic encryption: polynomial-only form, contract check, depth report",
+    [*CLEANUP, "he-polynomial", "remove-unused", "he-contract", "he-depth"],
+)
+
+TARGETS = {"cpu": "cpu", "gpu": "cuda", "he": "cpu"}  # target → device whose kernels it emits for
 
 
 def device_for(target: str) -> str:
@@ -44,6 +83,31 @@ def pass_names(target: str, passes: Sequence[str] | None = None, disable: Sequen
     if unknown:
         raise TxError(f"unknown pass {unknown[0]!r}; `txcompile passes` lists them")
     return [n for n in names if n not in set(disable)]
+
+
+def with_sparsity(names: Sequence[str], options: dict) -> list[str]:
+    """``--sparsity`` asks for pruning. In a target's pipeline prune and sparse-matmul go right
+    after cleanup: the fusions would otherwise pack Q/K/V into one Attention op (hiding those
+    layers) and turn bias+Gelu into contrib ops. With ``--passes`` the order given is kept and
+    prune goes just before sparse-matmul (or before analyze)."""
+    names = list(names)
+    if options.get("sparsity") is None or "prune" in names:
+        return names
+    disabled = set(options.get("disable_pass") or ())
+    if options.get("passes"):
+        added = [n for n in ("prune", "sparse-matmul") if n not in names and n not in disabled]
+        if "sparse-matmul" in names:
+            at = names.index("sparse-matmul")
+        else:
+            ends = [names.index(n) for n in (*TARGET_FIT, "analyze") if n in names]
+            at = min(ends) if ends else len(names)
+    else:
+        added = [n for n in ("prune", "sparse-matmul") if n not in disabled]
+        names = [n for n in names if n != "sparse-matmul"]
+        cleanup = [i for i, n in enumerate(names) if n in CLEANUP]
+        at = cleanup[-1] + 1 if cleanup else 0
+    names[at:at] = added
+    return names
 
 
 def build(names: Sequence[str], context: PassContext) -> list[TxPass]:

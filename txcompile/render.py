@@ -75,12 +75,56 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(
             f"{analysis['parameters']:,} parameters ({analysis['parameter_bytes'] / 2**20:.1f} MiB){flops}"
         )
+    lines.extend(kernel_lines(report))
     lines.extend(f"warning: {w}" for w in report.get("warnings", []))
+    return lines
+
+
+def kernel_lines(report: dict) -> list[str]:
+    """What the kernel check found: every op that would fall back (CUDA) or fail (CPU)."""
+    record = next((r for r in report["passes"] if r["name"] == "kernel-check" and r.get("details")), None)
+    if record is None:
+        return []
+    found = record["details"]
+    provider = found["provider"]
+    if not found["missing"]:
+        return [f"kernel check ({provider}): all {found['checked']} ops have a kernel at their dtype"]
+    lines = [
+        f"kernel check ({provider}): {found['missing']} of {found['checked']} ops have no kernel "
+        f"and {found['consequence']}:"
+    ]
+    lines.extend(f"  {count}× {reason}" for reason, count in found["reasons"].items())
     return lines
 
 
 def _shapes(inputs: dict) -> str:
     return ", ".join(f"{name} {'x'.join(map(str, info['shape']))}" for name, info in inputs.items()) or "-"
+
+
+ATTENTION_PASS = "fuse-attention"
+
+
+def attention_coverage(report: dict) -> list[dict]:
+    """Every attention site the last fuse-attention run saw; a rolled-back run fused none."""
+    records = [r for r in report.get("passes", []) if r["name"] == ATTENTION_PASS]
+    if not records:
+        return []
+    record = records[-1]
+    sites = (record.get("details") or {}).get("sites", [])
+    if record["status"] != "rolled back":
+        return sites
+    reason = f"fuse-attention rolled back: {record['reason']}"
+    return [{"site": s["site"], "status": "unfused", "reason": reason} for s in sites]
+
+
+def coverage_rows(report: dict) -> list[list[str]]:
+    return [
+        [s["site"], s["status"], s.get("op") or "-", s.get("reason") or ", ".join(s.get("bias") or []) or "-"]
+        for s in attention_coverage(report)
+    ]
+
+
+COVERAGE_HEAD = ["attention site", "status", "op", "mask / reason"]
 
 
 def print_report(report: dict, console: Console | None = None) -> None:
@@ -111,6 +155,13 @@ def print_report(report: dict, console: Console | None = None) -> None:
         console.print(line, highlight=False)
     console.print(ops)
     console.print(passes)
+    if coverage_rows(report):
+        coverage = Table(title="attention coverage", show_edge=False)
+        for column in COVERAGE_HEAD:
+            coverage.add_column(column)
+        for row in coverage_rows(report):
+            coverage.add_row(*row, style=None if row[1] == "fused" else "red")
+        console.print(coverage)
     for line in lines[head:]:
         console.print(line, highlight=False)
 
@@ -132,5 +183,6 @@ def to_html(report: dict) -> str:
         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>"
         f"<h1>txcompile report</h1>{lines}<h2>ops</h2>{table(['op', 'before', 'after', 'change'], ops)}"
         f"<h2>passes</h2>{passes}"
+        f"<h2>attention coverage</h2>{table(COVERAGE_HEAD, coverage_rows(report))}"
         "</body></html>\n"
     )

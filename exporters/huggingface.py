@@ -1,0 +1,226 @@
+"""Local Hugging Face folders as TorchModels: config.json plus weights when there are any.
+
+Nothing is fetched from a hub and no repository code is run (no ``trust_remote_code``): the
+class comes from ``config.architectures[0]`` when transformers has it, else from AutoModel.
+A folder without weights is built from its config with seed 0, which is enough to compile
+and verify the graph; the TorchModel says so in its warnings. What inputs the model takes is
+read from its ``forward`` signature, so encoder-only parts (T5EncoderModel, WhisperEncoder)
+work like whole models.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+from txcompile.runtime.inputs import InputSpec
+
+from txcompile.errors import TxError
+
+from .model import TorchModel
+from .quiet import captured, one_line
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+OUTPUT_KEYS = ("logits", "last_hidden_state")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+class HFWrapper(nn.Module):
+    """Takes the inputs positionally and returns one output as a tuple (what exporters want)."""
+
+    def __init__(self, model: nn.Module, input_names: list[str], output_key: str, kwargs: dict):
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+        self.output_key = output_key
+        self.kwargs = dict(kwargs)
+
+    def forward(self, *args):
+        outputs = self.model(**dict(zip(self.input_names, args, strict=True)), **self.kwargs)
+        if isinstance(outputs, tuple) and not hasattr(outputs, "keys"):
+            return (outputs[0],)  # a model that ignores return_dict
+        return (outputs[self.output_key],)
+
+
+def load_hf_folder(
+    folder: str | Path, *, attn_implementation: str | None = None, source: str | None = None
+) -> TorchModel:
+    """The model in ``folder`` in eval mode, fp32, with use_cache off."""
+    folder = Path(folder)
+    source = source or str(folder)
+    if not (folder / "config.json").is_file():
+        raise TxError(f"{source}: no config.json in {folder} (not a Hugging Face model folder)")
+    if attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+        raise TxError(
+            f"unknown attn_implementation {attn_implementation!r}: choose {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    transformers = _transformers(source)
+    warnings: list[str] = []
+    try:
+        with captured():
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as err:
+        raise TxError(f"{source}: cannot read config.json: {one_line(err)}") from None
+    model_class, note = _model_class(transformers, config, source)
+    if note:
+        warnings.append(note)
+    kwargs: dict = {"dtype": torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        with captured():
+            if any((folder / name).is_file() for name in WEIGHT_FILES):
+                model, info = model_class.from_pretrained(
+                    folder, local_files_only=True, output_loading_info=True, **kwargs
+                )
+                warnings.extend(_loading_warnings(info, folder))
+            else:
+                torch.manual_seed(0)
+                model = model_class._from_config(config, **kwargs)
+                warnings.append(f"no weights in {folder}: random init (seed 0)")
+    except Exception as err:
+        raise TxError(f"{source}: cannot build {model_class.__name__}: {one_line(err)}") from None
+    model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    model.config.return_dict = True
+    inputs, dims = _input_specs(model, source)
+    call_kwargs = _call_kwargs(model)
+    output_key = _output_key(model, inputs, dims, call_kwargs, source)
+    wrapper = HFWrapper(model, [s.name for s in inputs], output_key, call_kwargs).eval()
+    return TorchModel(wrapper, inputs, [output_key], source, dims, warnings)
+
+
+def _transformers(source: str):
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        raise TxError(
+            f"{source}: Hugging Face folders need transformers (pip install 'txcompile[hf]')"
+        ) from None
+
+
+def _model_class(transformers, config, source: str):
+    """``architectures[0]`` from transformers (or its model's module), else AutoModel's class."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures:
+        name = architectures[0]
+        found = getattr(transformers, name, None) or _from_modeling_module(config, name)
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found, None
+    try:
+        model_class = transformers.AutoModel._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        raise TxError(f"{source}: transformers has no model for model_type {config.model_type!r}") from None
+    note = None
+    if architectures:
+        note = f"transformers has no {architectures[0]}: using {model_class.__name__}"
+    return model_class, note
+
+
+def _from_modeling_module(config, name: str):
+    """Classes transformers does not export at the top level, e.g. WhisperEncoder."""
+    model_type = str(getattr(config, "model_type", "")).replace("-", "_")
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
+def _loading_warnings(info: dict, folder: Path) -> list[str]:
+    warnings = []
+    for key, what in (
+        ("missing_keys", "not in the checkpoint, random init"),
+        ("mismatched_keys", "of the wrong shape in the checkpoint, random init"),
+    ):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            warnings.append(f"{folder}: {len(names)} weights {what}: {shown}")
+    return warnings
+
+
+def _input_specs(model: nn.Module, source: str) -> tuple[list[InputSpec], dict[str, int]]:
+    """Inputs by what ``forward`` accepts: images, audio features, or token ids (+ decoder ids)."""
+    config = model.config
+    params = inspect.signature(model.forward).parameters
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    specs: list[InputSpec] = []
+    dims = {"batch": 2, "seq": 16}
+    if "pixel_values" in params:
+        size = getattr(config, "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        channels = int(getattr(config, "num_channels", 3))
+        specs.append(InputSpec("pixel_values", "float32", ("batch", channels, height, width), "normal"))
+        dims = {"batch": 2}
+    elif "input_features" in params:
+        length = 2 * int(config.max_source_positions)
+        shape = ("batch", int(config.num_mel_bins), length)
+        specs.append(InputSpec("input_features", "float32", shape, "normal"))
+        dims = {"batch": 2}
+    elif "input_ids" in params:
+        if not vocab:
+            raise TxError(f"{source}: config has no vocab_size, cannot draw input_ids")
+        specs.append(InputSpec("input_ids", "int64", ("batch", "seq"), "ids", 0, vocab))
+        if "attention_mask" in params:
+            specs.append(InputSpec("attention_mask", "int64", ("batch", "seq"), "mask"))
+    else:
+        names = ", ".join(list(params)[:6])
+        raise TxError(f"{source}: cannot tell the inputs of {type(model).__name__} (forward takes {names})")
+    if "decoder_input_ids" in params:
+        if not vocab:
+            raise TxError(f"{source}: config has no vocab_size, cannot draw decoder_input_ids")
+        specs.append(InputSpec("decoder_input_ids", "int64", ("batch", "decoder_seq"), "ids", 0, vocab))
+        dims["decoder_seq"] = min(8, _limit(config, "max_target_positions", "max_position_embeddings"))
+    if "seq" in dims:
+        dims["seq"] = min(
+            16, _limit(config, "max_position_embeddings", "n_positions", "max_source_positions")
+        )
+    return specs, dims
+
+
+def _limit(config, *names: str) -> int:
+    """The longest sequence the config allows (learned position tables), else a large number."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 2:
+            return value
+    return 1 << 20
+
+
+def _call_kwargs(model: nn.Module) -> dict:
+    params = inspect.signature(model.forward).parameters
+    kwargs = {}
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    if "return_dict" in params:
+        kwargs["return_dict"] = True
+    return kwargs
+
+
+def _output_key(model, inputs: list[InputSpec], dims: dict, kwargs: dict, source: str) -> str:
+    """logits when the model has a head, else last_hidden_state (found by one forward)."""
+    probe = TorchModel(model, inputs, [], source, dims)
+    feeds = probe.example_inputs()
+    try:
+        with torch.no_grad(), captured():
+            outputs = model(**feeds, **kwargs)
+    except Exception as err:
+        raise TxError(f"{source}: forward fails on example inputs: {one_line(err)}") from None
+    keys = list(outputs.keys()) if hasattr(outputs, "keys") else []
+    for key in OUTPUT_KEYS:
+        if key in keys:
+            return key
+    tensors = [k for k in keys if isinstance(outputs[k], torch.Tensor)]
+    if not tensors:
+        raise TxError(f"{source}: {type(model).__name__} returns no named tensor output")
+    return tensors[0]

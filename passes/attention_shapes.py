@@ -1,0 +1,69 @@
+"""Concrete shapes of the values attention fusion must understand.
+
+Heads and head size are read from the graph, never guessed: from static shapes where the
+exporter wrote them, otherwise by running the graph once on the verification inputs with the
+values of interest added as outputs (TorchScript exports often carry no shapes inside).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from txcompile.runtime import session as rt
+
+
+def static_shape(value: ir.Value) -> tuple[int, ...] | None:
+    if value.shape is None or not all(isinstance(d, int) for d in value.shape.dims):
+        return None
+    return tuple(value.shape.dims)
+
+
+def probe_shapes(
+    model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.ndarray]
+) -> dict[str, tuple[int, ...]]:
+    """Shapes by value name, from one ORT run (with optimizations off) on ``feeds``."""
+    names = sorted({v.name for v in values if v is not None and v.name})
+    if not feeds or not names:
+        return {}
+    proto = ir.serde.serialize_model(model)
+    inferred = onnx.shape_inference.infer_shapes(proto) if proto.ByteSize() < rt.PROTOBUF_LIMIT else proto
+    types = {vi.name: vi.type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
+    wanted = set(names)
+    initializers = {t.name for t in proto.graph.initializer}
+    taken = initializers | {i.name for i in proto.graph.input} | {o.name for o in proto.graph.output}
+    for name in names:
+        if name in taken:
+            continue
+        info = proto.graph.output.add()
+        info.name = name
+        if name in types:
+            info.type.CopyFrom(types[name])
+    session = rt.create_session(proto, optimize=False)
+    outputs = rt.run(session, feeds)
+    shapes = {name: tuple(int(d) for d in value.shape) for name, value in outputs.items() if name in wanted}
+    for name, value in feeds.items():
+        if name in wanted:
+            shapes[name] = tuple(value.shape)
+    for tensor in proto.graph.initializer:
+        if tensor.name in wanted:
+            shapes[tensor.name] = tuple(tensor.dims)
+    return shapes
+
+
+class Shapes:
+    """Static shapes first, probed ones where the graph has none."""
+
+    def __init__(self, probed: Mapping[str, tuple[int, ...]]):
+        self.probed = dict(probed)
+
+    def __call__(self, value: ir.Value | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        if value.name in self.probed:
+            return self.probed[value.name]
+        if value.const_value is not None:
+            return tuple(value.const_value.shape.dims)
+        return static_shape(value)

@@ -1,0 +1,466 @@
+"""The polynomial form of a transformer: every non-linearity on encrypted data becomes + and ×.
+
+Per site: calibrate the input range (``--calib`` inputs, else the verification inputs), widen
+it by the margin, fit the cheapest polynomial scheme meeting the tolerance, emit it as plain
+ONNX ops (pre-scaling folded into the producing linear layer where possible) and report degree,
+depth, max error on the domain and the out-of-range rate on held-out inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from txcompile.passes.base import TxPass
+
+from txcompile.errors import TxError
+
+from . import calibrate, composite, prepare
+from .approx import LevelArith, NumpyArith, fit_to_tolerance
+from .contract import ciphertext_values, constant_array, is_constant, violations
+from .emit import GraphBuilder, OnnxArith
+from .fold import fold_scale, scaled_input
+from .functions import ELEMENTWISE
+from .inverse import plan_inverse
+from .sites import Site, find_sites
+
+MODES = ("approx", "power-softmax")
+MASKED = -1e4  # additive mask entries below this are "not allowed"
+
+
+class PolynomialForm(TxPass):
+    name = "he-polynomial"
+    summary = "replace every non-linearity on encrypted values by a calibrated polynomial scheme"
+    exact = False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        options = self.context.options
+        self.mode = options.get("he_mode") or "approx"
+        if self.mode not in MODES:
+            raise TxError(f"--he-mode {self.mode!r}: choose approx or power-softmax")
+        self.margin = float(options.get("he_margin") or 1.5)
+        self.tol = float(options.get("he_tol") or 1e-3)
+        self.power = int(options.get("he_power") or 4)
+        if self.margin < 1 or self.tol <= 0 or self.power < 2 or self.power % 2:
+            raise TxError("--he-margin must be ≥ 1, --he-tol > 0 and --he-power an even integer ≥ 2")
+        graph = model.graph
+        self.rule_counts["nan-guard"] += prepare.remove_nan_guards(graph)
+        self.rule_counts["div-by-constant"] += prepare.div_by_constant(graph)
+        self.rule_counts["patch-conv"] += prepare.patch_conv_to_matmul(graph)
+        common.RemoveUnusedNodesPass()(model)
+        _name_values(graph)
+        self.encrypted = ciphertext_values(graph)
+        sites = find_sites(graph, self.encrypted)
+        calib_feeds, heldout_feeds = _feed_sets(model, self.context.feeds, options.get("calib"))
+        names = [s.value.name for s in sites]
+        self.calib = calibrate.capture(model, names, calib_feeds) if sites else {}
+        self.heldout = calibrate.capture(model, names, heldout_feeds) if sites else {}
+        records = []
+        for site in sites:
+            fresh = site.current_value()
+            if fresh is not site.value:  # an earlier rewrite replaced it: same values, new name
+                for store in (self.calib, self.heldout):
+                    store[fresh.name] = store[site.value.name]
+                site.value, site.numerator = fresh, site.current_numerator()
+            record = getattr(self, f"_{site.kind}")(graph, site)
+            record.update(node=site.node.name, op=site.node.op_type)
+            records.append(record)
+            self.rule_counts[record["rule"]] += 1
+        common.RemoveUnusedNodesPass()(model)
+        self.rule_counts = +self.rule_counts
+        self.details.update(_summary(records), mode=self.mode, margin=self.margin, tolerance=self.tol)
+        self.details["sites"] = records
+        self.details["unsupported"] = violations(graph)
+        return ir.passes.PassResult(model, bool(records) or bool(self.rule_counts))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _domain(self, site: Site, finite_above: float | None = None) -> calibrate.Domain:
+        arrays = self.calib[site.value.name]
+        if finite_above is not None:
+            arrays = [a[a > finite_above] for a in arrays]
+        return calibrate.domain_of(arrays, self.margin)
+
+    def _oor(self, site: Site, lo: float, hi: float, finite_above: float | None = None) -> float:
+        arrays = self.heldout[site.value.name]
+        if finite_above is not None:
+            arrays = [a[a > finite_above] for a in arrays]
+        return calibrate.out_of_range_rate(arrays, lo, hi)
+
+    def _finish(self, site: Site, b: GraphBuilder, out: ir.Value, rule: str) -> None:
+        self.tag(b.commit(), rule)
+        ir.convenience.replace_all_uses_with(site.node.outputs[0], out, replace_graph_outputs=True)
+
+    # -- rewrites ------------------------------------------------------------------------------
+
+    def _elementwise(self, graph: ir.Graph, site: Site) -> dict[str, Any]:
+        node, x = site.node, site.value
+        key = node.op_type
+        if key == "Gelu" and node.attributes.get("approximate") is not None:
+            if node.attributes["approximate"].value == "tanh":
+                key = "Gelu:tanh"
+        fn, parity, constant, half_x = ELEMENTWISE[key]
+        domain = self._domain(site)
+        lo, hi = domain.lo, domain.hi
+        if key == "Exp":
+            poly = fit_to_tolerance(key, fn, lo, hi, self.tol * max(1.0, math.exp(hi)))
+        else:
+            if parity:  # a symmetric domain keeps the parity
+                hi = max(abs(lo), abs(hi))
+                lo = -hi
+            poly = fit_to_tolerance(key, fn, lo, hi, self.tol, parity)
+        b = GraphBuilder(graph, node, f"{node.name}/poly")
+        ar = OnnxArith(b)
+        t, folded = scaled_input(b, x, poly.mid, poly.half, self.encrypted)
+        out = poly.evaluate_t(ar, t)
+        if half_x:
+            out = ar.add(ar.scale(x, 0.5), out)
+        if constant:
+            out = ar.shift(out, constant)
+        self._finish(site, b, out, f"{key.lower().replace(':', '-')}-chebyshev")
+        return {
+            "rule": f"{key.lower().replace(':', '-')}-chebyshev",
+            "kind": key,
+            "degree": poly.degree,
+            "depth": poly.depth() + (0 if folded else 1),
+            "max_error": poly.max_error,
+            "prescale_folded": folded,
+            "domain": [lo, hi],
+            "observed": [domain.low, domain.high],
+            "out_of_range": self._oor(site, lo, hi),
+        }
+
+    def _softmax(self, graph: ir.Graph, site: Site) -> dict[str, Any]:
+        node, x = site.node, site.value
+        axis = node.attributes["axis"].value if "axis" in node.attributes else -1
+        rank = self.calib[x.name][0].ndim
+        axis = axis % rank
+        if axis != rank - 1:
+            raise TxError(f"Softmax {node.name!r}: only the last axis is supported (axis {axis})")
+        base, plain = _split_plain_addend(x, self.encrypted)
+        domain = self._domain(site, MASKED)
+        calib = self.calib[x.name]
+        if self.mode == "power-softmax":
+            return self._power_softmax(graph, site, base, plain, domain, axis)
+        centered = [_centered(a) for a in calib]
+        domain = calibrate.domain_of([c[np.isfinite(c)] for c in centered], self.margin)
+        rows = np.concatenate([np.nanmean(np.exp(c), -1).ravel() for c in centered])
+        sums = calibrate.positive_domain(rows, self.margin)
+        s = 2.0 / (sums.high - sums.low)
+        recip = plan_inverse("softmax-reciprocal", 1.0, s * sums.low, s * sums.low + 2.0, self.tol)
+
+        def target(v):
+            return s * np.exp(v)
+
+        exp = fit_to_tolerance("exp", target, domain.lo, domain.hi, self.tol * s)
+        b = GraphBuilder(graph, node, f"{node.name}/poly")
+        weights, xs, folded = self._row_weights(b, base, plain, exp.half, calib[0].shape[axis])
+        out = composite.softmax(OnnxArith(b), OnnxArith(b, weights), xs, weights, exp, recip, axis)
+        self._finish(site, b, out, "softmax-exp-newton")
+        levels = LevelArith()
+        depth = composite.softmax(levels, levels, 0, 0, exp, recip, axis) + (0 if folded else 1)
+        error = max(
+            _max_error(_softmax_exact(a), self._softmax_numpy(a, exp, recip, axis))
+            for a in [*calib, *self.heldout[x.name]]
+        )
+        held = [_centered(a) for a in self.heldout[x.name]]
+        return {
+            "rule": "softmax-exp-newton",
+            "kind": "Softmax",
+            "degree": exp.degree,
+            "depth": depth,
+            "exp_depth": exp.depth(),
+            "reciprocal": _inverse_record(recip),
+            "max_error": error,
+            "exp_max_error": exp.max_error / s,
+            "prescale_folded": folded,
+            "domain": [domain.lo, domain.hi],
+            "observed": [domain.low, domain.high],
+            "reciprocal_domain": [sums.low, sums.high],
+            "masked": plain is not None,
+            "out_of_range": calibrate.out_of_range_rate(
+                [h[np.isfinite(h)] for h in held], domain.lo, domain.hi
+            ),
+        }
+
+    def _power_softmax(self, graph, site, base, plain, domain, axis):
+        node, x = site.node, site.value
+        calib = self.calib[x.name]
+        p = self.power
+        n = calib[0].shape[axis]
+        rows = np.concatenate([_masked_sum(np.where(a > MASKED, a, 0.0) ** p, a) for a in calib])
+        sums = calibrate.positive_domain(rows + n * 1e-6, self.margin)
+        s = 2.0 / (sums.high - sums.low)
+        recip = plan_inverse("power-softmax-reciprocal", 1.0, s * sums.low, s * sums.low + 2.0, self.tol)
+        b = GraphBuilder(graph, node, f"{node.name}/power")
+        ar = OnnxArith(b)
+        root = s ** (1.0 / p)
+        keep = None
+        if plain is not None:
+            keep, finite = _keep_and_finite(b, plain)
+            scaled = fold_scale(b, base, root, self.encrypted)
+            folded = scaled is not None
+            scaled = scaled if folded else b.op("Mul", base, b.const(root))
+            xs = b.op("Mul", b.op("Add", scaled, b.op("Mul", finite, b.const(root))), keep)
+        else:
+            xs = fold_scale(b, x, root, self.encrypted)
+            folded = xs is not None
+            xs = xs if folded else b.op("Mul", x, b.const(root))
+        out = composite.power_softmax(ar, xs, p, s * n * 1e-6, recip, axis)
+        self._finish(site, b, out, "power-softmax")
+        levels = LevelArith()
+        depth = composite.power_softmax(levels, 0, p, 0.0, recip, axis) + (0 if folded else 1)
+        depth += 1 if keep is not None else 0
+        cost = max(_max_error(_softmax_exact(a), _power_exact(a, p, n)) for a in calib)
+        return {
+            "rule": "power-softmax",
+            "kind": "Softmax",
+            "power": p,
+            "degree": p,
+            "depth": depth,
+            "reciprocal": _inverse_record(recip),
+            "max_error": recip.max_error,
+            "accuracy_cost_vs_softmax": cost,
+            "prescale_folded": folded,
+            "domain": [s * sums.low, s * sums.low + 2.0],
+            "observed": [domain.low, domain.high],
+            "masked": plain is not None,
+            "out_of_range": 0.0,
+        }
+
+    def _row_weights(self, b: GraphBuilder, base, plain, half: float, n: int):
+        """(keep/n_valid, xs = x/half, folded): the plaintext row weights and the scaled input."""
+        scaled = fold_scale(b, base, 1.0 / half, self.encrypted)
+        folded = scaled is not None
+        if scaled is None:
+            scaled = b.op("Mul", base, b.const(1.0 / half))
+        if plain is None:
+            return b.const(1.0 / n), scaled, folded
+        keep, finite = _keep_and_finite(b, plain)
+        valid = b.op("ReduceSum", keep, b.const([-1], np.int64), keepdims=1)
+        weights = b.op("Div", keep, b.op("Max", valid, b.const(1.0)))
+        xs = b.op("Add", scaled, b.op("Mul", finite, b.const(1.0 / half)))
+        return weights, xs, folded
+
+    def _softmax_numpy(self, a: np.ndarray, exp, recip, axis: int) -> np.ndarray:
+        keep = (a > MASKED).astype(np.float64)
+        weights = keep / np.maximum(keep.sum(-1, keepdims=True), 1.0)
+        xs = np.where(keep > 0, a, 0.0) / exp.half
+        return composite.softmax(NumpyArith(), NumpyArith(weights), xs, weights, exp, recip, axis)
+
+    def _layernorm(self, graph: ir.Graph, site: Site) -> dict[str, Any]:
+        node, x = site.node, site.value
+        axis = node.attributes["axis"].value if "axis" in node.attributes else -1
+        calib = self.calib[x.name]
+        rank = calib[0].ndim
+        if axis % rank != rank - 1:
+            raise TxError(f"LayerNormalization {node.name!r}: only the last axis is supported")
+        eps = node.attributes["epsilon"].value if "epsilon" in node.attributes else 1e-5
+        n = calib[0].shape[-1]
+        gamma = _const_or_fail(node, 1)
+        beta = _const_or_fail(node, 2) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        totals = np.concatenate([(n * a.var(-1)).ravel() for a in calib])
+        sums = calibrate.positive_domain(totals, self.margin)
+        s = 2.0 / (sums.high - sums.low)
+        offset = s * n * eps
+        isqrt = plan_inverse(
+            "layernorm-isqrt", 0.5, s * sums.low + offset, s * sums.low + offset + 2.0, self.tol
+        )
+        b = GraphBuilder(graph, node, f"{node.name}/poly")
+        ar = OnnxArith(b)
+        g = b.const(gamma.astype(np.float64) * math.sqrt(n))
+        bt = b.const(beta) if beta is not None else None
+        out = composite.layernorm(ar, x, n, s, eps, isqrt, g, bt, -1)
+        self._finish(site, b, out, "layernorm-newton-isqrt")
+        levels = LevelArith()
+        depth = composite.layernorm(levels, 0, n, s, eps, isqrt, 0, None, -1)
+        error = 0.0
+        for a in [*calib, *self.heldout[x.name]]:
+            exact = _layernorm_exact(a, gamma, eps)
+            approx = composite.layernorm(NumpyArith(), a, n, s, eps, isqrt, gamma * math.sqrt(n), None, -1)
+            error = max(error, _max_error(exact, approx))
+        held = np.concatenate([(n * a.var(-1)).ravel() for a in self.heldout[x.name]])
+        return {
+            "rule": "layernorm-newton-isqrt",
+            "kind": "LayerNorm",
+            "degree": isqrt.degree,
+            "depth": depth,
+            "isqrt": _inverse_record(isqrt),
+            "max_error": error,
+            "domain": [sums.low, sums.high],
+            "observed": [float(totals.min()), float(totals.max())],
+            "out_of_range": calibrate.out_of_range_rate([held], sums.low, sums.high),
+        }
+
+    def _inverse_site(self, graph: ir.Graph, site: Site, power: float, rule: str) -> dict[str, Any]:
+        node, v = site.node, site.value
+        values = np.concatenate([a.ravel() for a in self.calib[v.name]])
+        if values.min() <= 0:
+            raise TxError(
+                f"{node.op_type} {node.name!r}: input reaches {values.min():.3g} ≤ 0 on calibration"
+            )
+        dom = calibrate.positive_domain(values, self.margin)
+        s = 2.0 / (dom.high - dom.low)
+        plan = plan_inverse(rule, power, s * dom.low, s * dom.low + 2.0, self.tol)
+        b = GraphBuilder(graph, node, f"{node.name}/poly")
+        ar = OnnxArith(b)
+        scaled = fold_scale(b, v, s, self.encrypted)
+        folded = scaled is not None
+        if scaled is None:
+            scaled = b.op("Mul", v, b.const(s))
+        k = s**power
+        y = plan.evaluate(ar, scaled, t=ar.shift(scaled, -plan.guess.mid), k=k)
+        levels = LevelArith()
+        depth = plan.evaluate(levels, 0, t=0, k=k) + (0 if folded else 1)
+        if site.kind == "sqrt":
+            y, depth = ar.mul(v, y), depth + 1
+        elif site.numerator is not None:
+            y, depth = ar.mul(site.numerator, y), depth + 1
+        self._finish(site, b, y, f"{site.kind}-newton")
+        held = np.concatenate([a.ravel() for a in self.heldout[v.name]])
+        return {
+            "rule": f"{site.kind}-newton",
+            "kind": site.kind,
+            **_inverse_record(plan),
+            "depth": depth,
+            "prescale_folded": folded,
+            "domain": [dom.low, dom.high],
+            "observed": [float(values.min()), float(values.max())],
+            "out_of_range": calibrate.out_of_range_rate([held], dom.low, dom.high),
+        }
+
+    def _invsqrt(self, graph, site):
+        return self._inverse_site(graph, site, 0.5, "invsqrt")
+
+    def _sqrt(self, graph, site):
+        return self._inverse_site(graph, site, 0.5, "sqrt")
+
+    def _reciprocal(self, graph, site):
+        return self._inverse_site(graph, site, 1.0, "reciprocal")
+
+
+def _inverse_record(plan) -> dict[str, Any]:
+    return {
+        "degree": plan.degree,
+        "newton_steps": plan.steps,
+        "depth": plan.depth(),
+        "max_error": plan.max_error,
+        "relative": True,
+        "domain": [plan.lo, plan.hi],
+    }
+
+
+def _summary(records: list[dict]) -> dict[str, Any]:
+    worst: dict[str, dict] = {}
+    for r in records:
+        if r["kind"] not in worst or r["depth"] > worst[r["kind"]]["depth"]:
+            worst[r["kind"]] = {"depth": r["depth"], "degree": r["degree"], "max_error": r["max_error"]}
+    return {"per_nonlinearity": worst}
+
+
+def _split_plain_addend(x: ir.Value, encrypted: set[ir.Value]):
+    """x = base + plaintext mask → (base, mask); else (x, None)."""
+    node = x.producer()
+    if node is None or node.op_type != "Add" or len(x.uses()) != 1:
+        return x, None
+    a, b = node.inputs
+    if a in encrypted and b not in encrypted:
+        return a, b
+    if b in encrypted and a not in encrypted:
+        return b, a
+    return x, None
+
+
+def _keep_and_finite(b: GraphBuilder, plain: ir.Value):
+    """Client-side: a 0/1 keep mask and the mask's finite part (both plaintext)."""
+    allowed = b.op("Greater", plain, b.const(MASKED))
+    keep = b.op("Cast", allowed, to=ir.DataType.FLOAT)
+    finite = b.op("Where", allowed, plain, b.const(0.0))
+    return keep, finite
+
+
+def _centered(a: np.ndarray) -> np.ndarray:
+    """Each row minus its mean over allowed entries; masked entries become NaN."""
+    keep = a > MASKED
+    mean = np.where(keep, a, 0.0).sum(-1, keepdims=True) / np.maximum(keep.sum(-1, keepdims=True), 1)
+    return np.where(keep, a - mean, np.nan)
+
+
+def _masked_sum(values: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    return np.where(raw > MASKED, values, 0.0).sum(-1).ravel()
+
+
+def _softmax_exact(a: np.ndarray) -> np.ndarray:
+    z = np.where(a > MASKED, a, -np.inf)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def _power_exact(a: np.ndarray, p: int, n: int) -> np.ndarray:
+    z = np.where(a > MASKED, a, 0.0) ** p
+    return z / (n * 1e-6 + z.sum(-1, keepdims=True))
+
+
+def _layernorm_exact(a: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray:
+    return (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + eps) * gamma
+
+
+def _max_error(exact: np.ndarray, approx: np.ndarray) -> float:
+    return float(np.max(np.abs(exact - approx)))
+
+
+def _const_or_fail(node: ir.Node, index: int) -> np.ndarray:
+    value = node.inputs[index]
+    if not is_constant(value):
+        raise TxError(f"{node.op_type} {node.name!r}: input {index} must be a constant")
+    return constant_array(value).astype(np.float64)
+
+
+def _name_values(graph: ir.Graph) -> None:
+    taken = {v.name for n in graph for v in n.outputs if v.name}
+    for i, node in enumerate(graph):
+        for j, value in enumerate(node.outputs):
+            if not value.name:
+                name = f"poly_{i}_{j}"
+                while name in taken:
+                    name += "_"
+                value.name = name
+                taken.add(name)
+
+
+def _feed_sets(model: ir.Model, feeds: dict[str, np.ndarray], calib_path: str | None):
+    """Calibration and held-out feed sets: ``--calib`` then the verification inputs, or the
+    verification inputs then fresh random ones drawn the same way."""
+    from txcompile.runtime import inputs as model_inputs
+
+    if not feeds:
+        raise TxError("he-polynomial needs verification inputs to calibrate on")
+    if calib_path:
+        proto = ir.serde.serialize_model(model)
+        specs = model_inputs.read_specs(proto)
+        return _chunks(model, model_inputs.load_npz(calib_path, specs)), [feeds]
+    proto = ir.serde.serialize_model(model)
+    specs = model_inputs.read_specs(proto)
+    first = next(iter(feeds.values()))
+    dims = {"batch": first.shape[0]}
+    if first.ndim >= 2:
+        dims["seq"] = first.shape[1]
+    return [feeds], [model_inputs.make_feeds(specs, dims, seed=1)]
+
+
+def _chunks(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """A calibration file may hold k × the static batch of a static-shape model: split it."""
+    batch = None
+    for value in model.graph.inputs:
+        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
+            batch = value.shape[0]
+            break
+    total = next(iter(feeds.values())).shape[0]
+    if batch is None or total == batch:
+        return [feeds]
+    if total % batch:
+        raise TxError(f"--calib holds {total} samples: a multiple of the model's batch {batch} is needed")
+    return [{k: v[i : i + batch] for k, v in feeds.items()} for i in range(0, total, batch)]

@@ -1,0 +1,159 @@
+"""The column-group form of a block-sparse MatMul, the one that beats dense GEMM in plain ORT.
+
+W [K, N] is cut into G = N / bn groups of ``bn`` output columns. Group g reads only the input
+rows where it has a nonzero; every group is padded to the same count ``c`` (padding rows carry
+zero weights, so the result is exact). The graph then is::
+
+    X [..., K] -> Reshape [M, K] -> Transpose [K, M] -> Gather rows [G*c, M] -> Reshape [G, c, M]
+      -> MatMul(Wp [G, bn, c], .) [G, bn, M] -> Reshape [N, M] -> Transpose [M, N] -> Reshape [..., N]
+
+so one batched MatMul does G small dense products of c/K the original work. With int8 the
+activations are quantized once (DynamicQuantizeLinear) before the Gather, the packed weights
+are int8 with a scale per output column, and MatMulInteger([G, M, c] uint8, [G, c, bn] int8)
+does the products.
+ScatterND with reduction is deliberately not used (wrong with several threads in ORT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from . import blocks
+
+
+@dataclasses.dataclass
+class ColumnGroups:
+    rows: np.ndarray  # [G, c] input row per slot (padding repeats a row with zero weights)
+    weights: np.ndarray  # [G, bn, c] packed weights, transposed for MatMul(Wp, X)
+    k: int
+    n: int
+
+    @property
+    def groups(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def width(self) -> int:  # c
+        return self.rows.shape[1]
+
+    @property
+    def cols(self) -> int:  # bn
+        return self.weights.shape[1]
+
+    @property
+    def density(self) -> float:
+        """Multiply-adds kept, as a fraction of the dense layer's."""
+        return self.width / self.k
+
+    def describe(self) -> str:
+        return f"column groups bn={self.cols} c={self.width} of K={self.k} ({self.density:.1%} of dense MACs)"
+
+
+def pack(weight: np.ndarray, cols: int) -> ColumnGroups | None:
+    """Pack W [K, N] into groups of ``cols`` columns; None when N is not a multiple of ``cols``."""
+    k, n = weight.shape
+    if n % cols:
+        return None
+    per_group = blocks.group_rows(weight, cols)
+    width = max(1, max(len(rows) for rows in per_group))
+    rows = np.zeros((n // cols, width), dtype=np.int64)
+    packed = np.zeros((n // cols, cols, width), dtype=weight.dtype)
+    for g, live in enumerate(per_group):
+        rows[g, : len(live)] = live
+        rows[g, len(live) :] = live[0] if len(live) else 0
+        packed[g, :, : len(live)] = weight[live, g * cols : (g + 1) * cols].T
+    return ColumnGroups(rows, packed, k, n)
+
+
+def estimated_cost(groups: ColumnGroups) -> float:
+    """Relative to dense (1.0): kept MACs plus the gather's copies, which cost ~8 MACs each."""
+    return groups.density * (1.0 + 8.0 / groups.cols)
+
+
+def best_packing(weight: np.ndarray, widths=(64, 32, 16, 8)) -> ColumnGroups | None:
+    """The group width with the lowest estimated cost."""
+    candidates = [p for p in (pack(weight, w) for w in widths) if p is not None]
+    return min(candidates, key=estimated_cost, default=None)
+
+
+WEIGHT_LEVELS = 63  # 7-bit: MLAS's u8s8 kernel on AVX2 without VNNI sums u8*s8 pairs in int16 and saturates
+
+
+def quantize_columns(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per output column, in [-63, 63]: (int8 [G, bn, c], scale [G, bn, 1] float32)."""
+    peak = np.abs(packed).max(axis=2, keepdims=True)
+    scale = np.where(peak > 0, peak / WEIGHT_LEVELS, 1.0).astype(np.float32)
+    quantized = np.clip(np.rint(packed / scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
+    return quantized, scale
+
+
+def emit(
+    tape: ir.tape.Tape,
+    x: ir.Value,
+    groups: ColumnGroups,
+    prefix: str,
+    rank: int | None,
+    int8: bool = False,
+    shared: dict | None = None,
+    *,
+    transposed_in: bool = False,
+    transposed_out: bool = False,
+    like: ir.Value | None = None,
+) -> tuple[ir.Value, dict[str, float]]:
+    """Nodes computing X @ W from ``x`` [..., K]; returns the output value and, for int8, the
+    weight quantization error (max abs). Layers reading the same X (Q, K, V) pass the same
+    ``shared`` dict and reuse one transpose (and one quantization) of it.
+
+    ``transposed_in``: x already is X^T [K, M]; ``transposed_out``: return Y^T [N, M] (a chain
+    of layers with elementwise ops between stays transposed); ``like``: the value whose leading
+    dims (and ``rank``) the output takes back, x itself by default."""
+
+    def const(array: np.ndarray, suffix: str) -> ir.Value:
+        return tape.initializer(ir.tensor(np.ascontiguousarray(array), name=f"{prefix}_{suffix}"))
+
+    shared = {} if shared is None else shared
+    g, c, n = groups.groups, groups.width, groups.n
+    if transposed_in:
+        shared[(id(x), "xt")] = x
+    if (id(x), "xt") not in shared:
+        flat = x if rank == 2 else tape.op("Reshape", [x, const(np.array([-1, groups.k], np.int64), "flat")])
+        shared[(id(x), "xt")] = tape.op("Transpose", [flat], {"perm": [1, 0]})
+    xt = shared[(id(x), "xt")]
+    info: dict[str, float] = {}
+    if int8:
+        # activations on the left: ORT fuses MatMulInteger+Cast+Mul into MatMulIntegerToFloat,
+        # whose CPU kernel takes uint8 x int8 but not int8 x uint8
+        if (id(x), "xq") not in shared:
+            shared[(id(x), "xq")] = tape.op_multi_out("DynamicQuantizeLinear", [xt], num_outputs=3)
+        xq, x_scale, x_zero = shared[(id(x), "xq")]
+        picked = tape.op("Gather", [xq, const(groups.rows.reshape(-1), "rows")], {"axis": 0})
+        picked = tape.op("Reshape", [picked, const(np.array([g, c, -1], np.int64), "gcm")])
+        picked = tape.op("Transpose", [picked], {"perm": [0, 2, 1]})  # [G, M, c]
+        weights, scale = quantize_columns(groups.weights)  # [G, bn, c], [G, bn, 1]
+        info["weight_quant_error"] = float(np.abs(weights * scale - groups.weights).max())
+        weights_kn = np.ascontiguousarray(weights.transpose(0, 2, 1))  # [G, c, bn]
+        acc = tape.op("MatMulInteger", [picked, const(weights_kn, "weights_int8"), x_zero])
+        acc = tape.op("Cast", [acc], {"to": ir.DataType.FLOAT})
+        scale_row = const(scale.transpose(0, 2, 1), "scale")  # [G, 1, bn]
+        product = tape.op("Mul", [acc, tape.op("Mul", [scale_row, x_scale])])  # [G, M, bn]
+        if transposed_out:
+            product = tape.op("Transpose", [product], {"perm": [0, 2, 1]})  # [G, bn, M]
+            return tape.op("Reshape", [product, const(np.array([n, -1], np.int64), "nm")]), info
+        out = tape.op("Transpose", [product], {"perm": [1, 0, 2]})  # [M, G, bn]
+        out = tape.op("Reshape", [out, const(np.array([-1, n], np.int64), "mn")])
+    else:
+        picked = tape.op("Gather", [xt, const(groups.rows.reshape(-1), "rows")], {"axis": 0})
+        picked = tape.op("Reshape", [picked, const(np.array([g, c, -1], np.int64), "gcm")])
+        product = tape.op("MatMul", [const(groups.weights, "weights"), picked])
+        out = tape.op("Reshape", [product, const(np.array([n, -1], np.int64), "nm")])
+        if transposed_out:
+            return out, info
+        out = tape.op("Transpose", [out], {"perm": [1, 0]})
+    if rank == 2:
+        return out, info
+    lead = tape.op("Shape", [like if like is not None else x], {"end": -1})
+    shape = tape.op("Concat", [lead, const(np.array([n], np.int64), "n")], {"axis": 0})
+    return tape.op("Reshape", [out, shape]), info

@@ -1,0 +1,98 @@
+"""A quick measurement of one layer, dense against a sparse form, in the same ORT build and run.
+
+Layers of the same shape and packing are measured once (BERT has dozens of identical ones).
+Runs are interleaved and the median ratio is kept, so load on the machine hits both sides.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import onnx_ir as ir
+from txcompile.runtime import session as rt
+
+from . import column_groups
+
+ROUNDS = 5
+
+
+def layer_model(build, k: int, tokens: int) -> bytes:
+    """A one-layer model: x [tokens, K] -> build(tape, x) -> y."""
+    tape = ir.tape.Tape()
+    x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape([tokens, k]))
+    y = build(tape, x)
+    y.name = "y"
+    graph = ir.Graph(
+        [x], [y], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 18}, name="layer"
+    )
+    return ir.serde.serialize_model(ir.Model(graph, ir_version=9)).SerializeToString()
+
+
+def dense_builder(weight: np.ndarray):
+    def build(tape, x):
+        return tape.op("MatMul", [x, tape.initializer(ir.tensor(weight, name="w"))])
+
+    return build
+
+
+def groups_builder(groups: column_groups.ColumnGroups, int8: bool):
+    def build(tape, x):
+        return column_groups.emit(tape, x, groups, "cg", rank=2, int8=int8)[0]
+
+    return build
+
+
+def speedup(
+    dense_model: bytes, sparse_model: bytes, k: int, tokens: int, threads: int | None, device: str = "cpu"
+) -> float:
+    """Median time of dense / median time of sparse, from interleaved blocks of runs."""
+    feeds = {"x": np.random.default_rng(0).standard_normal((tokens, k)).astype(np.float32)}
+    sessions = [rt.create_session(_proto(m), device, threads=threads) for m in (dense_model, sparse_model)]
+    dense, sparse = block_medians(sessions, feeds, rounds=ROUNDS, per_block=3)
+    return dense / max(sparse, 1e-12)
+
+
+def block_medians(sessions, feeds, rounds: int = 7, per_block: int = 5, warmup: int = 2) -> list[float]:
+    """Seconds per run of each session: median over rounds of a block of runs.
+
+    Runs come in blocks, not one by one, so ORT's spinning worker threads of the session that
+    just ran do not steal the cores of the next one; rounds alternate so drift hits all."""
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for index, session in enumerate(sessions):
+            for _ in range(warmup):
+                rt.run(session, feeds)
+            start = time.perf_counter()
+            for _ in range(per_block):
+                rt.run(session, feeds)
+            samples[index].append((time.perf_counter() - start) / per_block)
+    return [float(statistics.median(s)) for s in samples]
+
+
+def _proto(data: bytes):
+    import onnx
+
+    return onnx.load_from_string(data)
+
+
+_MEASURED: dict[tuple, float] = {}
+
+
+def measure_groups(
+    weight: np.ndarray,
+    groups: column_groups.ColumnGroups,
+    tokens: int,
+    int8: bool,
+    threads: int | None,
+    device: str = "cpu",
+) -> float:
+    """Speedup of the column-group form over the dense MatMul for this layer's shape and packing."""
+    key = (weight.shape, groups.cols, groups.width, tokens, int8, threads, device)
+    if key not in _MEASURED:
+        k = weight.shape[0]
+        dense = layer_model(dense_builder(np.ascontiguousarray(weight, dtype=np.float32)), k, tokens)
+        sparse = layer_model(groups_builder(groups, int8), k, tokens)
+        _MEASURED[key] = speedup(dense, sparse, k, tokens, threads, device)
+    return _MEASURED[key]

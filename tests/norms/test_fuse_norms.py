@@ -1,0 +1,177 @@
+"""fuse-norms: decomposed LayerNorm / RMSNorm → one op, residual Add + norm → Skip norm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from tests.norms import models
+
+D = 8
+RNG = np.random.default_rng(0)
+WEIGHT, BIAS = 1 + 0.1 * RNG.standard_normal(D), 0.1 * RNG.standard_normal(D)
+X = [("x", ["batch", "seq", D])]
+Y = [("y", ["batch", "seq", D])]
+
+
+def layer_norm_nodes(x="x", out="y", reciprocal=False, extra=()):
+    """TorchScript's LayerNorm below opset 17 (Div form) or the Reciprocal form."""
+    tail = (
+        [helper.make_node("Reciprocal", ["std"], ["inv"]), helper.make_node("Mul", ["d", "inv"], ["n"])]
+        if reciprocal
+        else [helper.make_node("Div", ["d", "std"], ["n"])]
+    )
+    return [
+        helper.make_node("ReduceMean", [x, "axes"], ["mean"]),
+        helper.make_node("Sub", [x, "mean"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["var"]),
+        helper.make_node("Add", ["var", "eps"], ["var_eps"]),
+        helper.make_node("Sqrt", ["var_eps"], ["std"]),
+        *tail,
+        helper.make_node("Mul", ["n", "w"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "b"], [out]),
+        *extra,
+    ]
+
+
+def rms_nodes(x="x", out="y", gemma=False):
+    """LLaMA (dynamo: Reciprocal) and Gemma (``* (1 + w)``) RMSNorm."""
+    weight = ["one", "w"] if gemma else None
+    nodes = [
+        helper.make_node("Pow", [x, "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"]),
+        helper.make_node("Add", ["ms", "eps"], ["ms_eps"]),
+        helper.make_node("Sqrt", ["ms_eps"], ["rms"]),
+        helper.make_node("Reciprocal", ["rms"], ["inv"]),
+        helper.make_node("Mul", [x, "inv"], ["n"]),
+    ]
+    if weight:
+        nodes.append(helper.make_node("Add", weight, ["w1"]))
+        nodes.append(helper.make_node("Mul", ["n", "w1"], [out]))
+    else:
+        nodes.append(helper.make_node("Mul", ["w", "n"], [out]))
+    return nodes
+
+
+CONSTS = {"axes": np.array([-1]), "two": 2.0, "eps": 1e-5, "w": WEIGHT, "b": BIAS, "one": 1.0}
+
+
+def build(nodes, inputs=X, outputs=Y, opset=20):
+    return models.graph_model(nodes, inputs, outputs, CONSTS, opset)
+
+
+def fuse(model, cleanup=False):
+    out, records = models.optimize(model, ["fuse-norms"], cleanup=cleanup)
+    return out, records["fuse-norms"]
+
+
+@pytest.mark.parametrize("reciprocal", [False, True])
+def test_layer_norm_fuses(reciprocal):
+    out, record = fuse(build(layer_norm_nodes(reciprocal=reciprocal)))
+    assert record["status"] == "applied" and record["rule_counts"] == {"layer-norm": 1}
+    assert models.ops(out) == {"LayerNormalization": 1}
+    assert record["max_diff"] <= 1e-5
+
+
+def test_layer_norm_at_opset_14_raises_opset_17():
+    nodes = layer_norm_nodes()
+    for node in nodes:
+        if node.op_type == "ReduceMean":  # axes were an attribute before opset 18
+            del node.input[1]
+            node.attribute.append(helper.make_attribute("axes", [-1]))
+    out, record = fuse(build(nodes, opset=14))
+    assert record["status"] == "applied"
+    assert next(o.version for o in out.opset_import if o.domain == "") == 17
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rms_norm_fuses(gemma):
+    out, record = fuse(build(rms_nodes(gemma=gemma)))
+    assert record["status"] == "applied" and record["rule_counts"] == {"rms-norm": 1}
+    assert models.ops(out) == {"RMSNormalization": 1}
+    assert record["details"]["fused"][0]["form"] == ("gemma (1 + weight)" if gemma else "affine")
+    assert record["max_diff"] <= 1e-5
+
+
+def test_mean_over_other_axis_is_not_a_norm():
+    square = [("x", ["batch", D, D])]
+    model = build(layer_norm_nodes(), inputs=square, outputs=[("y", ["batch", D, D])])
+    names = [i.name for i in model.graph.initializer]
+    model.graph.initializer[names.index("axes")].CopyFrom(numpy_helper.from_array(np.array([1]), "axes"))
+    out, record = fuse(model)
+    assert record["status"] == "unchanged" and "LayerNormalization" not in models.ops(out)
+
+
+def test_non_constant_epsilon_is_left_with_reason():
+    model = build(rms_nodes(), inputs=[*X, ("e", [1])])
+    model.graph.node[2].input[1] = "e"
+    out, record = fuse(model)
+    assert "RMSNormalization" not in models.ops(out)
+    assert "non-constant epsilon" in record["details"]["left"][0]["reason"]
+
+
+def test_intermediate_with_another_reader_is_not_fused():
+    extra = [helper.make_node("Relu", ["d"], ["r"])]
+    model = build(layer_norm_nodes(extra=extra), outputs=[*Y, ("r", ["batch", "seq", D])])
+    out, record = fuse(model)
+    assert "LayerNormalization" not in models.ops(out)
+    assert "also read by Relu" in record["details"]["left"][0]["reason"] or "graph output" in str(record)
+
+
+def test_residual_add_becomes_skip_layer_norm_and_keeps_the_sum():
+    nodes = [helper.make_node("Add", ["a", "x"], ["h"]), *layer_norm_nodes(x="h", out="n_out")]
+    nodes.append(helper.make_node("Add", ["h", "n_out"], ["y"]))  # the stream goes on
+    model = build(nodes, inputs=[*X, ("a", ["batch", "seq", D])])
+    out, record = fuse(model)
+    assert record["rule_counts"] == {"layer-norm": 1, "skip-layer-norm": 1}
+    assert models.ops(out) == {"SkipLayerNormalization": 1, "Add": 1}
+    assert record["max_diff"] <= 1e-5
+
+
+def test_constant_add_is_not_a_residual():
+    nodes = [helper.make_node("Add", ["x", "b"], ["h"]), *rms_nodes(x="h")]
+    out, record = fuse(build(nodes))
+    assert models.ops(out) == {"Add": 1, "RMSNormalization": 1}
+    assert "adds a constant" in record["details"]["no_skip"][0]["reason"]
+
+
+FAMILIES = [
+    ("llama", "torchscript", None, {"rms-norm": 5, "skip-rms-norm": 4}),
+    ("t5-encoder", "torchscript", None, {"rms-norm": 5, "skip-rms-norm": 4}),
+    ("bert", "torchscript", 14, {"layer-norm": 5}),
+    ("vit", "torchscript", None, {"skip-layer-norm": 4}),
+]
+SLOW_FAMILIES = [
+    ("llama", "dynamo", None, {"rms-norm": 5, "skip-rms-norm": 4}),
+    ("gpt2", "dynamo", None, {"skip-layer-norm": 5}),
+    ("gpt2", "torchscript", 14, {"layer-norm": 5}),
+    ("bert", "dynamo", None, {"skip-layer-norm": 4}),
+    ("vit", "dynamo", None, {"skip-layer-norm": 4}),
+]
+
+
+def check_family(family, exporter, opset, expected):
+    model = models.exported(family, exporter, opset)
+    out, records = models.optimize(model, ["fuse-norms"])
+    record = records["fuse-norms"]
+    assert record["status"] == "applied", record["reason"]
+    counts = {k: v for k, v in record["rule_counts"].items() if k != "no-op-cast"}
+    for rule, n in expected.items():
+        assert counts.get(rule, 0) >= n, (rule, counts)
+    assert record["max_diff"] <= 1e-4
+    assert record["details"]["left"] == []
+    left = models.ops(out)
+    assert "Sqrt" not in left and "ReduceMean" not in left or family == "vit"
+
+
+@pytest.mark.parametrize(("family", "exporter", "opset", "expected"), FAMILIES)
+def test_family_norms_all_fused(family, exporter, opset, expected):
+    check_family(family, exporter, opset, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "exporter", "opset", "expected"), SLOW_FAMILIES)
+def test_family_norms_all_fused_slow(family, exporter, opset, expected):
+    check_family(family, exporter, opset, expected)
