@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+
+from txcompile.errors import TxError
 from txcompile.passes.attention_shapes import Shapes, probe_shapes
 from txcompile.passes.attention_sites import BiasTerm, Site, find_sites
 from txcompile.passes.base import TxPass
-
-from txcompile.errors import TxError
 
 ATTENTION_OPS = ("ms", "onnx")
 MS_DOMAIN = "com.microsoft"

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 import onnx_ir as ir
+
 from txcompile.runtime import session as rt
 
 

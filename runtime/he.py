@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
-from txcompile.passes.polynomial.contract import ciphertext_values, violations
-from txcompile.runtime import session as rt
 
 from txcompile.depth import depth_report
 from txcompile.errors import TxError
+from txcompile.passes.polynomial.contract import ciphertext_values, violations
+from txcompile.runtime import session as rt
 
 SCALE_BITS = 40
 

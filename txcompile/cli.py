@@ -96,8 +96,8 @@ def _add_he_options(parser: argparse.ArgumentParser) -> None:
         choices=["approx", "power-softmax"],
         help="approx: post-training polynomials (default); power-softmax: softmax → x^p / Σ x^p",
     )
-    parser.add_argument("--he-margin", type=float, help="widen calibrated ranges by this factor (default 1.5)")
-    parser.add_argument("--he-tol", type=float, help="max error per approximation on its domain (default 1e-3)")
+    parser.add_argument("--he-margin", type=float, help="widen calibrated ranges by this (default 1.5)")
+    parser.add_argument("--he-tol", type=float, help="max error per approximation on its domain (1e-3)")
     parser.add_argument("--he-power", type=_positive, help="even power p of power-softmax (default 4)")
     parser.add_argument(
         "--level-budget", type=_positive, help="CKKS levels available; deeper graphs need bootstrapping"

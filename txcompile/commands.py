@@ -57,7 +57,7 @@ def _export(args):
     result = exporters.export_onnx(
         torch_model, opset=args.opset, exporter=args.exporter, dims=dims, dynamic=args.dynamic
     )
-    for warning in torch_model.warnings:
+    for warning in [*torch_model.warnings, *result.warnings]:
         console.print(f"warning: {warning}")
     fallback = f" (fell back: {result.fallback_reason})" if result.fallback_reason else ""
     console.print(
@@ -124,15 +124,21 @@ def compile(args) -> int:
         output=str(output),
         export=export_info,
         torch_reference=_torch_runner(torch_model),
-        warnings=list(torch_model.warnings),
+        warnings=[*torch_model.warnings, *result.warnings],
     )
     return _finish(outcome, output, strict=getattr(args, "strict", False))
 
 
 def _torch_runner(torch_model):
+    """PyTorch outputs on the same feeds; inputs the graph dropped are drawn like the rest."""
     import torch
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dropped = [s for s in torch_model.inputs if s.name not in feeds]
+        if dropped:
+            first = next(iter(feeds.values()))
+            dims = {"batch": first.shape[0], "seq": first.shape[-1]} if first.ndim >= 2 else {}
+            feeds = {**feeds, **model_inputs.make_feeds(dropped, torch_model.resolved_dims(dims))}
         with torch.no_grad():
             outputs = torch_model.module(*[torch.from_numpy(feeds[s.name]) for s in torch_model.inputs])
         outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)

@@ -88,7 +88,9 @@ class KernelTable:
 
     def low_precision_ops(self, dtype: str) -> set[tuple[str, str]]:
         """(domain, op) pairs with at least one kernel taking ``dtype`` for some constraint."""
-        return {key for key, ks in self._by_op.items() if any(dtype in a for k in ks for a in k.types.values())}
+        return {
+            key for key, ks in self._by_op.items() if any(dtype in a for k in ks for a in k.types.values())
+        }
 
 
 PROVIDERS_SHORT = {"CPUExecutionProvider": "CPU", "CUDAExecutionProvider": "CUDA"}

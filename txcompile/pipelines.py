@@ -11,10 +11,10 @@ from txcompile.passes.activations import FuseActivations
 from txcompile.passes.attention_fusion import FuseAttention
 from txcompile.passes.base import PassContext, TxPass
 from txcompile.passes.kernel_check import KernelCheck
-from txcompile.passes.precision import Precision
-from txcompile.passes.quantize import Quantize
 from txcompile.passes.polynomial.contract import CheckContract
 from txcompile.passes.polynomial.rewrite import PolynomialForm
+from txcompile.passes.precision import Precision
+from txcompile.passes.quantize import Quantize
 from txcompile.passes.sparsity import Prune, SparseMatMul, SparsityReport
 
 PASSES: dict[str, type[TxPass]] = {

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+
 from txcompile.runtime import session as rt
 
 

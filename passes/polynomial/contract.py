@@ -11,9 +11,9 @@ sums and static data movement.
 from __future__ import annotations
 
 import onnx_ir as ir
-from txcompile.passes.base import TxPass
 
 from txcompile.errors import TxError
+from txcompile.passes.base import TxPass
 
 ARITHMETIC = {"Add", "Sub", "Neg", "Mul", "MatMul", "Gemm", "ReduceSum", "ReduceMean", "Pow"}
 DATA_MOVEMENT = {

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from txcompile.passes.base import TxPass
 
 from txcompile.errors import TxError
+from txcompile.passes.base import TxPass
 
 from . import calibrate, composite, prepare
 from .approx import LevelArith, NumpyArith, fit_to_tolerance

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
+
 from txcompile.passes.base import PassContext
 from txcompile.runtime import session as rt
 

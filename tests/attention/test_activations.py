@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from txcompile.passes.activations import FuseActivations
 
 from .graphs import max_diff, op_types, run_pass

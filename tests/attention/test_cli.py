@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from txcompile.runtime.inputs import InputSpec, write_specs
 
 from txcompile.cli import main
+from txcompile.runtime.inputs import InputSpec, write_specs
 
 from .graphs import HIDDEN, attention_block
 

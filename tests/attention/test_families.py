@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
 
 from txcompile import compiler
 from txcompile.errors import TxError
 from txcompile.pipelines import CLEANUP
+from txcompile.runtime import inputs as model_inputs
+from txcompile.runtime import session as rt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 exporters = pytest.importorskip("txcompile.exporters")

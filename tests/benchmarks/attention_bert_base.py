@@ -21,11 +21,11 @@ import onnx
 import onnx_ir as ir
 from rich.console import Console
 from rich.table import Table
+
+from txcompile import compiler
 from txcompile.runtime import bench as benchmark
 from txcompile.runtime import inputs as model_inputs
 from txcompile.runtime import session as rt
-
-from txcompile import compiler
 
 BERT_BASE = {
     "hidden_size": 768,

@@ -46,7 +46,10 @@ def check_cuda() -> None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        sys.exit(f"gpu_check: onnxruntime {ort.__version__} has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+        sys.exit(
+            f"gpu_check: onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+            "(pip install onnxruntime-gpu)"
+        )
 
 
 def build(name: str, folder: Path):
@@ -71,7 +74,10 @@ def compile_gpu(name: str, plain, precision: str):
     for record in outcome.report["passes"]:
         if record["status"] != "unchanged":
             note = record["reason"] or ""
-            print(f"  {record['name']}: {record['status']} {record['rule_counts']} max diff {record['max_diff']} {note}")
+            print(
+                f"  {record['name']}: {record['status']} {record['rule_counts']} "
+                f"max diff {record['max_diff']} {note}"
+            )
     for line in render.kernel_lines(outcome.report):
         print(f"  {line}")
     return outcome.model
@@ -143,7 +149,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             torch_model, plain = build(name, Path(tmp))
         compiled = compile_gpu(name, plain, args.precision)
-        sessions = {"plain export": rt.create_session(plain, "cuda"), "txcompile": rt.create_session(compiled, "cuda")}
+        sessions = {
+            "plain export": rt.create_session(plain, "cuda"),
+            "txcompile": rt.create_session(compiled, "cuda"),
+        }
         specs = model_inputs.read_specs(plain)
         for batch, seq in SHAPES[name]:
             feeds = model_inputs.make_feeds(specs, {"batch": batch, "seq": seq}, seed=1)
@@ -167,7 +176,8 @@ def main() -> None:
             rows.append(row)
             torch_text = f", torch fp16 {torch_ms:.2f} ms" if torch_ms else ""
             print(
-                f"{name} {batch}x{seq}: plain {row['plain_ms']:.2f} ms, txcompile {row['txcompile_ms']:.2f} ms "
+                f"{name} {batch}x{seq}: plain {row['plain_ms']:.2f} ms, "
+                f"txcompile {row['txcompile_ms']:.2f} ms "
                 f"({row['speedup']:.2f}×){torch_text}; max error vs fp32 {error:.3g}"
             )
     if args.json:

@@ -90,7 +90,9 @@ def main() -> None:
     }
     sessions = [(name, rt.create_session(model, threads=args.threads)) for name, model in models.items()]
     specs = model_inputs.read_specs(plain)
-    table = Table(title=f"BERT{'-tiny' if args.small else '-base'} CPU, {args.threads} threads, seq {args.seq}")
+    table = Table(
+        title=f"BERT{'-tiny' if args.small else '-base'} CPU, {args.threads} threads, seq {args.seq}"
+    )
     for column in ("batch", "model", "median ms", "× plain", "cosine vs fp32"):
         table.add_column(column, justify="left" if column == "model" else "right")
     rows = []
@@ -101,14 +103,27 @@ def main() -> None:
         timings = bench.bench(sessions, feeds, dims, warmup=3, iters=args.iters)
         for (name, session), timing in zip(sessions, timings, strict=True):
             similarity = cosine(reference, rt.run(session, feeds))
-            rows.append({"batch": batch, "model": name, "median_ms": timing.median_ms,
-                         "speedup": timing.speedup, "cosine": similarity})
-            table.add_row(str(batch), name, f"{timing.median_ms:.2f}", f"{timing.speedup:.2f}×", f"{similarity:.5f}")
+            rows.append(
+                {
+                    "batch": batch,
+                    "model": name,
+                    "median_ms": timing.median_ms,
+                    "speedup": timing.speedup,
+                    "cosine": similarity,
+                }
+            )
+            table.add_row(
+                str(batch), name, f"{timing.median_ms:.2f}", f"{timing.speedup:.2f}×", f"{similarity:.5f}"
+            )
         ours, theirs = timings[2].median_ms, timings[1].median_ms
-        table.add_row(str(batch), "txcompile vs quantize_dynamic", "", f"{theirs / ours:.2f}×", "", style="bold")
+        table.add_row(
+            str(batch), "txcompile vs quantize_dynamic", "", f"{theirs / ours:.2f}×", "", style="bold"
+        )
     console.print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "seq": args.seq, "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"threads": args.threads, "seq": args.seq, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

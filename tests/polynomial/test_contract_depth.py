@@ -28,7 +28,9 @@ def test_plaintext_mask_ops_are_client_side():
         helper.make_node("Mul", ["x", "m3"], ["y"], name="apply"),
     ]
     mask = helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 4])
-    proto = model(nodes, [x_input(), mask], [out("y")], [helper.make_tensor("ax", TensorProto.INT64, [1], [2])])
+    proto = model(
+        nodes, [x_input(), mask], [out("y")], [helper.make_tensor("ax", TensorProto.INT64, [1], [2])]
+    )
     assert violations(ir.serde.deserialize_model(proto).graph) == []
 
 

@@ -88,5 +88,8 @@ def contrib(op: str, inputs: list[str], dtype=FLOAT, **attrs) -> onnx.ModelProto
     """One com.microsoft op whose inputs are all graph inputs of ``dtype`` (output type unknown)."""
     node = helper.make_node(op, inputs, ["y"], domain="com.microsoft", name=op.lower(), **attrs)
     return make(
-        [node], [tensor(name, ["a", "b"], dtype) for name in inputs], [helper.make_value_info("y", onnx.TypeProto())], ms=True
+        [node],
+        [tensor(name, ["a", "b"], dtype) for name in inputs],
+        [helper.make_value_info("y", onnx.TypeProto())],
+        ms=True,
     )

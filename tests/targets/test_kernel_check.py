@@ -36,7 +36,9 @@ def test_no_cpu_kernel_is_caught():
 
 
 def test_wrong_dtype_on_cuda_is_caught_with_what_exists():
-    found = check(contrib("GroupQueryAttention", ["query", "key", "value"], num_heads=2, kv_num_heads=2), "cuda")
+    found = check(
+        contrib("GroupQueryAttention", ["query", "key", "value"], num_heads=2, kv_num_heads=2), "cuda"
+    )
     site = found.details["sites"][0]
     assert site["types"] == {"T": "float"}
     assert site["why"] == "CUDA has no GroupQueryAttention kernel for T=float (has T: bfloat16 float16)"
@@ -44,7 +46,9 @@ def test_wrong_dtype_on_cuda_is_caught_with_what_exists():
 
 
 def test_same_op_at_a_supported_dtype_passes():
-    model = contrib("GroupQueryAttention", ["query", "key", "value"], TensorProto.FLOAT16, num_heads=2, kv_num_heads=2)
+    model = contrib(
+        "GroupQueryAttention", ["query", "key", "value"], TensorProto.FLOAT16, num_heads=2, kv_num_heads=2
+    )
     assert check(model, "cuda").details["missing"] == 0
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (MD_SNIPPET holds OperatorKernels.md rows verbatim)
 """The kernel tables: CPU agrees with the installed onnxruntime, CUDA with OperatorKernels.md."""
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ NO_KERNEL = ("NOT_IMPLEMENTED", "Could not find an implementation", "InsertedPre
 def _probe_loads(domain: str, op: str, opset: int, dtypes: list[int], tmp_path) -> bool:
     names = [f"i{k}" for k in range(len(dtypes))]
     node = helper.make_node(op, names, ["y"], domain=domain, **ATTRIBUTES.get(op, {}))
-    model = make([node], [tensor(n, [4, 4], t) for n, t in zip(names, dtypes)], [tensor("y", None, dtypes[0])])
+    model = make(
+        [node],
+        [tensor(n, [4, 4], t) for n, t in zip(names, dtypes, strict=True)],
+        [tensor("y", None, dtypes[0])],
+    )
     model.opset_import[0].version = opset
     if domain:
         model.opset_import.append(helper.make_opsetid(domain, 1))

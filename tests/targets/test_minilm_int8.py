@@ -109,10 +109,12 @@ def test_minilm_int8_sentence_embeddings_match_fp32(tmp_path):
     quantize = next(r for r in outcome.report["passes"] if r["name"] == "quantize")
     assert quantize["status"] == "applied"
     quantized, kept = quantize["details"]["quantized"], len(quantize["details"]["kept_fp32"])
-    assert quantized >= 2 * kept and quantize["details"]["cosine"] >= 0.99
+    assert quantized > kept and quantize["details"]["cosine"] >= 0.99  # most products stay int8
 
     fp32, int8 = embed(exported, batch), embed(outcome.model, batch)
     similarity = (fp32 * int8).sum(1)
-    assert similarity.min() >= 0.99, f"worst sentence: {SENTENCES[int(similarity.argmin())]!r} {similarity.min():.4f}"
+    assert similarity.min() >= 0.99, (
+        f"worst sentence: {SENTENCES[int(similarity.argmin())]!r} {similarity.min():.4f}"
+    )
     # the embeddings still tell sentences apart: the nearest neighbour of each is itself
     assert (np.argmax(int8 @ fp32.T, axis=1) == np.arange(len(SENTENCES))).all()

@@ -8,12 +8,11 @@ import onnx_ir as ir
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from txcompile import pipelines
+from txcompile import kernels, pipelines
 from txcompile.errors import TxError
 from txcompile.passes.base import PassContext
 from txcompile.passes.kernel_check import missing_kernels
 from txcompile.passes.precision import Precision
-from txcompile import kernels
 from txcompile.runtime import session as rt
 
 from .graphs import linear_block, rms_norm, shared_intermediate
@@ -74,7 +73,7 @@ def test_shared_intermediate_is_cast_once_and_outputs_keep_names():
     assert [o.name for o in out.graph.output] == ["y", "h"]
     expected = rt.run(rt.create_session(shared_intermediate()), FEEDS)
     got = reference(out, FEEDS)
-    assert max(np.abs(g - e).max() for g, e in zip(got, expected.values())) < 2e-2
+    assert max(np.abs(g - e).max() for g, e in zip(got, expected.values(), strict=True)) < 2e-2
 
 
 def test_cpu_kernels_decide_and_the_graph_runs_on_the_cpu_ep():

@@ -1,0 +1,60 @@
+"""Encrypted (CKKS, TenSEAL) runs of polynomial blocks, compared with ORT on the same graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from txcompile import compiler
+from txcompile.cli import main
+from txcompile.errors import TxError
+from txcompile.exporters import export_onnx, load_model_spec
+from txcompile.runtime.inputs import make_feeds, read_specs
+
+pytest.importorskip("tenseal")
+from txcompile.runtime.he import run_encrypted  # noqa: E402
+
+BLOCKS = Path(__file__).with_name("blocks.py")
+
+
+def _polynomial_block(factory: str, **options) -> onnx.ModelProto:
+    torch_model = load_model_spec(f"{BLOCKS}:{factory}")
+    exported = export_onnx(torch_model, dims={"batch": 1, "seq": 2}, dynamic=False)
+    settings = compiler.Settings(target="he", options=options)
+    return compiler.optimize(exported.model, settings, source=factory, output="unused.onnx").model
+
+
+@pytest.fixture(scope="module")
+def mlp() -> onnx.ModelProto:
+    return _polynomial_block("mlp_block")
+
+
+def test_mlp_block_decrypts_within_1e2(mlp):
+    feeds = make_feeds(read_specs(mlp), {"batch": 1, "seq": 2}, seed=3)
+    result = run_encrypted(mlp, feeds)
+    assert result.max_diff < 1e-2
+    assert result.depth <= 7 and result.parameters["poly_modulus_degree"] <= 16384
+    assert result.ciphertexts == 1 * 2 * 4  # one per input element
+    assert all(np.abs(value).max() > 1e-3 for value in result.outputs.values())
+
+
+def test_deeper_than_budget_is_refused_with_both_numbers(mlp):
+    feeds = make_feeds(read_specs(mlp), {"batch": 1, "seq": 2}, seed=3)
+    with pytest.raises(TxError, match=r"needs \d+ levels; the budget is 2"):
+        run_encrypted(mlp, feeds, level_budget=2)
+
+
+def test_cli_refuses_over_budget_with_exit_2(mlp, tmp_path, capsys):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp, path)
+    assert main(["run", str(path), "--encrypted", "--level-budget", "1", "--batch", "1", "--seq", "2"]) == 2
+    assert "budget is 1" in capsys.readouterr().err
+
+
+def test_non_polynomial_graph_is_refused():
+    exported = export_onnx(load_model_spec(f"{BLOCKS}:mlp_block"), dims={"batch": 1, "seq": 2}, dynamic=False)
+    with pytest.raises(TxError, match="compile with --target he"):
+        run_encrypted(exported.model, make_feeds(read_specs(exported.model), {"batch": 1, "seq": 2}))

