@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
 from txcompile.runtime.inputs import InputSpec
 
 from .model import TorchModel

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from txcompile.runtime.inputs import InputSpec
 
 from txcompile.errors import TxError
+from txcompile.runtime.inputs import InputSpec
 
 from .model import TorchModel
 from .quiet import captured, one_line

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import torch
+
 from txcompile.runtime.inputs import InputSpec, make_feeds
 
 

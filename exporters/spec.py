@@ -16,9 +16,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from txcompile.runtime.inputs import InputSpec
 
 from txcompile.errors import TxError
+from txcompile.runtime.inputs import InputSpec
 
 from .builtin import BUILTINS
 from .huggingface import load_hf_folder

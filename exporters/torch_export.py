@@ -20,10 +20,10 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 import torch
-from txcompile.runtime.inputs import InputSpec, concrete_shape, make_feeds, write_specs
-from txcompile.runtime.session import create_session, max_abs_diff, run
 
 from txcompile.errors import TxError
+from txcompile.runtime.inputs import InputSpec, concrete_shape, make_feeds, write_specs
+from txcompile.runtime.session import create_session, max_abs_diff, run
 
 from .model import TorchModel, flatten_outputs
 from .quiet import captured, one_line

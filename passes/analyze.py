@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-from txcompile.passes.base import TxPass, op_histogram
 
 from txcompile import analysis
+from txcompile.passes.base import TxPass, op_histogram
 
 
 class Analyze(TxPass):

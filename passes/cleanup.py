@@ -10,6 +10,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 from onnxscript.rewriter.rules import common as rules
+
 from txcompile.passes.base import TxPass, all_nodes
 from txcompile.passes.rewriting import apply_rules
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+
 from txcompile.passes import norm_affine
 from txcompile.passes.base import TxPass
 from txcompile.passes.norm_common import constant, is_op, new_initializer, rank, set_constant_input

@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+
 from txcompile.passes.base import TxPass
 from txcompile.passes.norm_common import (
     NORM_OPS,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+
 from txcompile.passes import norm_match
 from txcompile.passes.base import TxPass
 from txcompile.passes.norm_common import (

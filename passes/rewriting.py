@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
+
 from txcompile.passes.base import RULE_KEY, all_nodes
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
+
 from txcompile.runtime import session as rt
 
 

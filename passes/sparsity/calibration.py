@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
 
 from txcompile.errors import TxError
+from txcompile.runtime import inputs as model_inputs
+from txcompile.runtime import session as rt
 
 from .linears import Linear
 

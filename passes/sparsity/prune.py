@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from txcompile.passes.base import TxPass
-from txcompile.runtime import session as rt
 
 from txcompile.errors import TxError
+from txcompile.passes.base import TxPass
+from txcompile.runtime import session as rt
 
 from . import blocks, calibration, structured
 from .linears import INNER, Linear, find_linears

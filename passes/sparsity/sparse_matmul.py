@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from txcompile.passes.base import TxPass
 
 from txcompile.errors import TxError
+from txcompile.passes.base import TxPass
 
 from . import column_groups, structured, timing
 from .linears import find_linears

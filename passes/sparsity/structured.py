@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import onnx
 import onnx_ir as ir
+
 from txcompile.runtime import session as rt
 
 from .linears import Linear

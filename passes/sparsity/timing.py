@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import onnx_ir as ir
+
 from txcompile.runtime import session as rt
 
 from . import column_groups

@@ -21,12 +21,12 @@ from pathlib import Path
 import transformers
 from rich.console import Console
 from rich.table import Table
+
+from txcompile import compiler
 from txcompile.exporters import export_onnx, load_model_spec
 from txcompile.runtime import bench as benchmark
 from txcompile.runtime import inputs as model_inputs
 from txcompile.runtime import session as rt
-
-from txcompile import compiler
 
 CLEANUP = ["fold-constants", "simplify-shapes", "remove-identity", "eliminate-cse", "remove-unused"]
 LN_PASSES = [*CLEANUP, "fuse-norms"]

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from txcompile.pass_manager import APPLIED, PassManager
 from txcompile.passes.base import PassContext
 from txcompile.passes.sparsity import Prune, SparseMatMul, timing
 from txcompile.runtime import inputs as model_inputs
 from txcompile.runtime import session as rt
-
-from txcompile.pass_manager import APPLIED, PassManager
 
 SMALL_CONFIG = Path(__file__).resolve().parents[1] / "data" / "hf" / "bert"
 

@@ -18,11 +18,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
+
+from txcompile.pass_manager import APPLIED, PassManager
 from txcompile.passes.base import PassContext
 from txcompile.passes.sparsity import Prune, SparseMatMul, timing
 from txcompile.runtime import session as rt
-
-from txcompile.pass_manager import APPLIED, PassManager
 
 FULL = {"shapes": [(768, 3072), (3072, 768)], "tokens": [16, 512]}
 SMALL = {"shapes": [(128, 512), (512, 128)], "tokens": [16, 64]}

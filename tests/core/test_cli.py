@@ -74,8 +74,19 @@ def test_inspect_table_json_and_html(optimized, tmp_path):
 
 def test_passes_and_disable_pass(tmp_path, mlp_file):
     out = tmp_path / "only.onnx"
-    assert tx("optimize", mlp_file, "-o", out, "--passes", "remove-identity,simplify-shapes",
-              "--disable-pass", "simplify-shapes").returncode == 0
+    assert (
+        tx(
+            "optimize",
+            mlp_file,
+            "-o",
+            out,
+            "--passes",
+            "remove-identity,simplify-shapes",
+            "--disable-pass",
+            "simplify-shapes",
+        ).returncode
+        == 0
+    )
     report = json.loads(out.with_name("only.report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["remove-identity"]
 
@@ -144,8 +155,11 @@ def test_external_data_missing(tmp_path):
 
 
 def test_unknown_pass_and_target(tmp_path, mlp_file):
-    _bad(tx("optimize", mlp_file, "-o", tmp_path / "o.onnx", "--passes", "fold-constants,warp"), 2,
-         "unknown pass 'warp'")
+    _bad(
+        tx("optimize", mlp_file, "-o", tmp_path / "o.onnx", "--passes", "fold-constants,warp"),
+        2,
+        "unknown pass 'warp'",
+    )
     _bad(tx("optimize", mlp_file, "-o", tmp_path / "o.onnx", "--target", "tpu"), 2, "unknown target")
     assert not (tmp_path / "o.onnx").exists()
 

@@ -36,7 +36,9 @@ def test_compile_builtins(name, tmp_path):
 
 
 def test_compile_with_torchscript_and_static_shapes(tmp_path):
-    report = _compile("tiny-bert", tmp_path, "--exporter", "torchscript", "--static", "--batch", "3", "--seq", "12")
+    report = _compile(
+        "tiny-bert", tmp_path, "--exporter", "torchscript", "--static", "--batch", "3", "--seq", "12"
+    )
     assert report["export"]["exporter"] == "torchscript"
     assert report["verification"]["inputs"]["input_ids"]["shape"] == [3, 12]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+
 from txcompile.exporters import BUILTINS, export_onnx, load_model_spec
 from txcompile.runtime.inputs import read_specs
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from txcompile.exporters import TorchModel, export_onnx, torch_export
-from txcompile.runtime.inputs import InputSpec, read_specs
 
 from txcompile.errors import TxError
+from txcompile.exporters import TorchModel, export_onnx, torch_export
+from txcompile.runtime.inputs import InputSpec, read_specs
 
 from .conftest import ort_vs_torch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from txcompile.exporters import export_onnx, load_model_spec
 
 from .conftest import HF_DATA, ort_vs_torch

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from txcompile.exporters import export_onnx, load_model_spec
 
 from txcompile.errors import TxError
+from txcompile.exporters import export_onnx, load_model_spec
 
 from .conftest import HF_DATA, ort_vs_torch
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from txcompile.errors import TxError
 from txcompile.exporters import BUILTINS, export_onnx, load_model_spec
 from txcompile.exporters.spec import infer_spec
 from txcompile.runtime.inputs import InputSpec
-
-from txcompile.errors import TxError
 
 from .conftest import ort_vs_torch
 

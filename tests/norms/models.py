@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
 from txcompile.exporters import export_onnx, load_model_spec
 from txcompile.runtime import inputs as model_inputs
 from txcompile.runtime import session as rt

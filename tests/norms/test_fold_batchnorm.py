@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import helper
-from txcompile.exporters import export_onnx, load_model_spec
 
 from tests.norms import models
+from txcompile.exporters import export_onnx, load_model_spec
 
 BN_MODEL = "tests/norms/bn_model.py:factory"
 C = 4

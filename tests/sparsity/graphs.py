@@ -123,9 +123,8 @@ def feeds(k: int, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, np.n
 
 def apply(pass_classes, model: onnx.ModelProto, feeds: dict, **options):
     """Run passes through the verifying pass manager; returns (records, final model)."""
-    from txcompile.passes.base import PassContext
-
     from txcompile.pass_manager import PassManager
+    from txcompile.passes.base import PassContext
 
     context = PassContext(feeds=feeds, options=options)
     result = PassManager([cls(context) for cls in pass_classes]).run(model, feeds)

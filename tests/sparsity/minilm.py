@@ -129,10 +129,9 @@ def embeddings(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarr
 
 
 def pruned_model(model, calib_feeds, sparsity: float, score: str, block: str) -> onnx.ModelProto:
+    from txcompile.pass_manager import APPLIED, PassManager
     from txcompile.passes.base import PassContext
     from txcompile.passes.sparsity import Prune
-
-    from txcompile.pass_manager import APPLIED, PassManager
 
     options = {"sparsity": sparsity, "prune_score": score, "block": block, "balanced": True}
     result = PassManager([Prune(PassContext(feeds=calib_feeds, options=options))]).run(model, calib_feeds)

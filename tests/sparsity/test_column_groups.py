@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from txcompile.passes.sparsity import SparseMatMul, column_groups
 
 from tests.sparsity import graphs
 from txcompile.pass_manager import APPLIED, UNCHANGED
+from txcompile.passes.sparsity import SparseMatMul, column_groups
 
 
 def _rewrite(model, feeds, **options):

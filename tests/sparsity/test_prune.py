@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from txcompile.passes.base import PassContext
-from txcompile.passes.sparsity import Prune, SparseMatMul, prune
 
 from tests.sparsity import graphs
 from txcompile.errors import TxError
 from txcompile.pass_manager import APPLIED, UNCHANGED
+from txcompile.passes.base import PassContext
+from txcompile.passes.sparsity import Prune, SparseMatMul, prune
 
 
 def _dense(k=64, n=128, seed=0):

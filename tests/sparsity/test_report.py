@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from txcompile.passes.sparsity import SparsityReport
 
 from tests.sparsity import graphs
 from txcompile.pass_manager import UNCHANGED
+from txcompile.passes.sparsity import SparsityReport
 
 
 def _report(weight):

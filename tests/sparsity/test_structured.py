@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from txcompile.passes.sparsity import SparseMatMul
 
 from tests.sparsity import graphs
 from txcompile.pass_manager import APPLIED
+from txcompile.passes.sparsity import SparseMatMul
 
 HIDDEN, INNER = 32, 128
 
