@@ -8,6 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.txcompile-installed
 OUT := out
+# the suite runs in two processes (pytest-xdist), one per core here
+TEST_WORKERS ?= 2
 TX := $(BIN)/txcompile
 
 .PHONY: demo test lint clean
@@ -27,7 +29,7 @@ demo: $(STAMP)
 	$(TX) bench $(OUT)/tiny-bert.export.onnx $(OUT)/tiny-bert.onnx --batch 1,8 --seq 128
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check txcompile passes exporters runtime tests

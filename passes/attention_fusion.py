@@ -24,6 +24,7 @@ from txcompile.errors import TxError
 from txcompile.passes.attention_shapes import Shapes, probe_shapes
 from txcompile.passes.attention_sites import BiasTerm, Site, find_sites
 from txcompile.passes.base import TxPass
+from txcompile.passes.precision import requested_precision
 
 ATTENTION_OPS = ("ms", "onnx")
 MS_DOMAIN = "com.microsoft"
@@ -53,9 +54,12 @@ class _Builder:
         self._count = 0
 
     def op(self, op_type: str, inputs, attributes=None, domain: str = "") -> ir.Value:
-        node = ir.node(op_type, inputs, attributes or {}, domain=domain)
+        return self.ops(op_type, inputs, attributes, domain)[0]
+
+    def ops(self, op_type: str, inputs, attributes=None, domain: str = "", outputs: int = 1) -> list:
+        node = ir.node(op_type, inputs, attributes or {}, domain=domain, num_outputs=outputs)
         self.nodes.append(node)
-        return node.outputs[0]
+        return list(node.outputs)
 
     def const(self, array: np.ndarray) -> ir.Value:
         self._count += 1
@@ -177,7 +181,9 @@ class FuseAttention(TxPass):
             if packed is not None:
                 length = b.op("Shape", [packed[0]], {"start": 1, "end": 2})
                 attention_bias = self._attention_bias(site, layout, shapes, b, length, length)
-                return self._emit_packed(site, layout, shapes, b, packed, packed_bias, attention_bias)
+                int8 = requested_precision(self.context) == "int8"
+                emit = self._emit_packed_matmul if int8 else self._emit_packed
+                return emit(site, layout, shapes, b, packed, packed_bias, attention_bias)
             key_length = b.op("Shape", [key], {"start": 1, "end": 2})
         else:
             rule = "mha-bnsh-kv"
@@ -215,6 +221,23 @@ class FuseAttention(TxPass):
         self.rule_counts["attention-packed-qkv"] += 1
         self.tag(b.nodes, "attention-packed-qkv")
         return f"{MS_DOMAIN}.Attention"
+
+    def _emit_packed_matmul(self, site, layout, shapes, b: _Builder, packed, packed_bias, attention_bias):
+        """For int8: the Q/K/V GEMMs as one MatMul, which the quantize pass makes integer (inside
+        com.microsoft.Attention they would stay fp32), split into MultiHeadAttention."""
+        source, weights, split_bias = packed
+        bias = b.const(split_bias) if split_bias is not None else packed_bias
+        projected = b.op("MatMul", [source, b.const(weights)])
+        parts = b.ops("Split", [projected], {"axis": -1, "num_outputs": 3}, outputs=3)
+        inputs = [*parts, bias, None, attention_bias]
+        while inputs[-1] is None:
+            inputs.pop()
+        attributes = {"num_heads": layout.heads, "scale": float(site.scale)}
+        output = b.op("MultiHeadAttention", inputs, attributes, domain=MS_DOMAIN)
+        _attach_output(site, output, layout, shapes, b, merged=True)
+        self.rule_counts["mha-qkv-matmul"] += 1
+        self.tag(b.nodes, "mha-qkv-matmul")
+        return f"{MS_DOMAIN}.MultiHeadAttention"
 
     def _emit_onnx(self, model, site: Site, layout: Layout, shapes: Shapes, b: _Builder) -> str:
         if model.opset_imports.get("", 1) < ONNX_ATTENTION_OPSET:

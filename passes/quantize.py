@@ -63,11 +63,7 @@ class Quantize(TxPass):
         quantized, score = self._quantize(original, excluded, reference)
         if self.min_cosine is not None and reference is not None and score["cosine"] < self.min_cosine:
             ranking = sensitivity(original, candidates, feeds)
-            for count in _doubling(len(ranking)):
-                excluded = [name for name, _ in ranking[:count]]
-                quantized, score = self._quantize(original, excluded, reference)
-                if score["cosine"] >= self.min_cosine:
-                    break
+            excluded, quantized, score = self._fewest_fp32(original, ranking, reference)
         if len(candidates) > len(excluded):
             self.rule_counts[f"{self.precision}-matmul"] = len(candidates) - len(excluded)
         if excluded:
@@ -84,6 +80,26 @@ class Quantize(TxPass):
             self.details["note"] = "cosine stays below --min-cosine even with every MatMul in fp32"
         _replace_graph(model, quantized)
         return ir.passes.PassResult(model, True)
+
+    def _fewest_fp32(self, original: onnx.ModelProto, ranking: list[tuple[str, float]], reference):
+        """Keep the k most sensitive MatMuls fp32, for the smallest k that reaches --min-cosine:
+        k doubles until it does, then a bisection between the last two tries."""
+        tried: dict[int, tuple[onnx.ModelProto, dict]] = {}
+
+        def meets(count: int) -> bool:
+            if count not in tried:
+                tried[count] = self._quantize(original, [n for n, _ in ranking[:count]], reference)
+            return tried[count][1]["cosine"] >= self.min_cosine
+
+        low, high = 0, 1  # low fails (k = 0 was the first try)
+        while high < len(ranking) and not meets(high):
+            low, high = high, min(2 * high, len(ranking))
+        if meets(high):
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (low, middle) if meets(middle) else (middle, high)
+        quantized, score = tried[high]
+        return [n for n, _ in ranking[:high]], quantized, score
 
     def _quantize(
         self, proto: onnx.ModelProto, exclude: list[str], reference
@@ -255,14 +271,6 @@ def padding_mask(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
         if "mask" in name.lower() and value.ndim == 2 and integer:
             return value
     return None
-
-
-def _doubling(total: int):
-    count = 1
-    while count < total:
-        yield count
-        count *= 2
-    yield total
 
 
 def _replace_graph(model: ir.Model, proto: onnx.ModelProto) -> None:

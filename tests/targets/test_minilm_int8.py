@@ -97,19 +97,22 @@ def test_minilm_int8_sentence_embeddings_match_fp32(tmp_path):
     batch = {k: v.astype(np.int64) for k, v in encoded.items() if k in names}
     assert len(SENTENCES) >= 50 and set(batch) == set(names)
 
-    # The accuracy check runs on the sentences themselves (--inputs) and asks for cosine 0.99
-    # (--min-cosine): the quantize pass keeps the MatMuls that cannot take int8 in fp32.
+    # The accuracy check runs on the sentences themselves (--inputs) and asks for cosine 0.995
+    # (--min-cosine): the quantize pass keeps the MatMuls that cannot take int8 in fp32. The pass
+    # bounds the token states; mean pooling can lose a little of that (0.99 there gave 0.989 on
+    # the worst sentence embedding), hence the margin over the 0.99 asked of the embeddings.
     np.savez(tmp_path / "sentences.npz", **batch)
     settings = compiler.Settings(
         target="cpu",
         inputs_npz=str(tmp_path / "sentences.npz"),
-        options={"precision": "int8", "min_cosine": 0.99},
+        options={"precision": "int8", "min_cosine": 0.995},
     )
     outcome = compiler.optimize(exported, settings, source=folder, output="minilm-int8.onnx")
     quantize = next(r for r in outcome.report["passes"] if r["name"] == "quantize")
     assert quantize["status"] == "applied"
     quantized, kept = quantize["details"]["quantized"], len(quantize["details"]["kept_fp32"])
-    assert quantized > kept and quantize["details"]["cosine"] >= 0.99  # most products stay int8
+    # MiniLM's real weights are sensitive: about a third of its 24 products take int8 at this bar
+    assert quantized >= 6 and quantized + kept == 24 and quantize["details"]["cosine"] >= 0.995
 
     fp32, int8 = embed(exported, batch), embed(outcome.model, batch)
     similarity = (fp32 * int8).sum(1)
