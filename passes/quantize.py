@@ -132,7 +132,9 @@ def quantize_int8(proto: onnx.ModelProto, exclude: list[str]) -> onnx.ModelProto
             weight_type=QuantType.QInt8,
             per_channel=PER_CHANNEL,
             nodes_to_exclude=list(exclude),
-            extra_options={"MatMulConstBOnly": True},
+            # com.microsoft outputs (EmbedLayerNormalization, ...) get no type from ONNX shape
+            # inference; the graphs this pass sees compute in float32
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         return onnx.load(output)
 

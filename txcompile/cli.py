@@ -68,7 +68,7 @@ def _add_export_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_optimize_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="cpu", help="cpu or gpu (default cpu)")
+    parser.add_argument("--target", default="cpu", help="cpu, gpu or he (default cpu)")
     parser.add_argument("--passes", type=_names, help="run exactly these passes, comma-separated")
     parser.add_argument("--disable-pass", type=_names, default=[], action="extend", help="skip these passes")
     parser.add_argument("--atol", type=float, default=1e-4, help="tolerance for exact passes (default 1e-4)")

@@ -8,6 +8,7 @@ is rolled back and the report says why, so the final model always loads and runs
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 import traceback
@@ -85,7 +86,7 @@ class PassManager:
     def _run_one(self, tx_pass: TxPass, model: onnx.ModelProto, feeds, outputs):
         record = PassRecord(tx_pass.name, tx_pass.summary, tx_pass.exact)
         working = ir.serde.deserialize_model(model)
-        before = {id(n): op_key(n) for n in all_nodes(working)}
+        before = all_nodes(working)  # the node objects themselves: ids stay unique while held
         interface = [(v.name, v.type, v.shape) for v in working.graph.outputs]
         start = time.perf_counter()
         try:
@@ -102,12 +103,11 @@ class PassManager:
         record.seconds = time.perf_counter() - start
         record.rule_counts = dict(tx_pass.rule_counts)
         record.details = tx_pass.details
-        after = {id(n): n for n in all_nodes(result.model)}
+        after = all_nodes(result.model)
         record.nodes_before, record.nodes_after = len(before), len(after)
-        added = [n for key, n in after.items() if key not in before]
-        removed = [op for key, op in before.items() if key not in after]
+        added, removed = _node_delta(before, after)
         record.nodes_added, record.nodes_removed = len(added), len(removed)
-        record.op_delta = _op_delta(removed, [op_key(n) for n in added])
+        record.op_delta = _op_delta([op_key(n) for n in removed], [op_key(n) for n in added])
         if not result.modified and not added and not removed:
             return record, None, None
         for node in added:
@@ -174,3 +174,27 @@ def _op_delta(removed: list[str], added: list[str]) -> dict[str, int]:
 def _one_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0][:300]
+
+
+def _node_delta(before: list[ir.Node], after: list[ir.Node]) -> tuple[list[ir.Node], list[ir.Node]]:
+    """(added, removed): a node counts as kept when the same object is still there, or failing
+    that a node with the same name and op (passes that rebuild the graph, like quantize, keep the
+    names of what they did not touch)."""
+    before_ids, after_ids = {id(n) for n in before}, {id(n) for n in after}
+    gone = [n for n in before if id(n) not in after_ids]
+    new = [n for n in after if id(n) not in before_ids]
+    old_names = collections.Counter((n.name, op_key(n)) for n in gone if n.name)
+    new_names = collections.Counter((n.name, op_key(n)) for n in new if n.name)
+    same = old_names & new_names  # rebuilt under the same name and op: not a change
+    return _minus(new, same.copy()), _minus(gone, same.copy())
+
+
+def _minus(nodes: list[ir.Node], same: collections.Counter) -> list[ir.Node]:
+    kept = []
+    for node in nodes:
+        key = (node.name, op_key(node))
+        if node.name and same[key] > 0:
+            same[key] -= 1
+        else:
+            kept.append(node)
+    return kept

@@ -10,11 +10,13 @@ from txcompile.passes import analyze, cleanup, fold_batchnorm, norm_affine, norm
 from txcompile.passes.activations import FuseActivations
 from txcompile.passes.attention_fusion import FuseAttention
 from txcompile.passes.base import PassContext, TxPass
+from txcompile.passes.embed_layernorm import FuseEmbedLayerNorm
 from txcompile.passes.kernel_check import KernelCheck
 from txcompile.passes.polynomial.contract import CheckContract
 from txcompile.passes.polynomial.rewrite import PolynomialForm
 from txcompile.passes.precision import Precision
 from txcompile.passes.quantize import Quantize
+from txcompile.passes.rotary import FuseRotary
 from txcompile.passes.sparsity import Prune, SparseMatMul, SparsityReport
 
 PASSES: dict[str, type[TxPass]] = {
@@ -26,6 +28,8 @@ PASSES: dict[str, type[TxPass]] = {
         cleanup.EliminateCommonSubexpressions,
         cleanup.RemoveUnused,
         analyze.Analyze,
+        FuseEmbedLayerNorm,
+        FuseRotary,
         FuseAttention,
         FuseActivations,
         fold_batchnorm.FoldBatchNorm,
@@ -53,11 +57,30 @@ NORMS = ["fold-batchnorm", "fuse-norms"]  # exact; fold-norm-affine and preln-to
 PIPELINES: dict[str, tuple[str, list[str]]] = {
     "cpu": (
         "onnxruntime CPU execution provider, fp32",
-        [*CLEANUP, *NORMS, "fuse-attention", "fuse-activations", "sparse-matmul", *TARGET_FIT, "analyze"],
+        [
+            *CLEANUP,
+            *NORMS,
+            "fuse-embed-layernorm",
+            "fuse-rotary",
+            "fuse-attention",
+            "fuse-activations",
+            "sparse-matmul",
+            *TARGET_FIT,
+            "analyze",
+        ],
     ),
     "gpu": (
         "onnxruntime CUDA execution provider",
-        [*CLEANUP, *NORMS, "fuse-attention", "fuse-activations", *TARGET_FIT, "analyze"],
+        [
+            *CLEANUP,
+            *NORMS,
+            "fuse-embed-layernorm",
+            "fuse-rotary",
+            "fuse-attention",
+            "fuse-activations",
+            *TARGET_FIT,
+            "analyze",
+        ],
     ),
 }
 

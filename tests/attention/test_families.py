@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 exporters = pytest.importorskip("txcompile.exporters")
 
 HF = Path(__file__).resolve().parents[1] / "data" / "hf"
-PASSES = [*CLEANUP, "fuse-attention", "fuse-activations"]
+PASSES = [*CLEANUP, "fuse-norms", "fuse-embed-layernorm", "fuse-rotary", "fuse-attention", "fuse-activations"]
 OTHER_DIMS = {"batch": 3, "seq": 24}
 
 # family → attention sites in its tiny config (BART: encoder self, decoder self and cross)
@@ -43,6 +43,13 @@ SITES = {
     "whisper-encoder": 2,
     "bart": 6,
 }
+# RoPE sites (Q and K of each layer) fuse-rotary turns into RotaryEmbedding
+ROTARY = {"tiny-llama": 4, "llama": 4}
+# embedding blocks (lookups summed, then LayerNorm) fuse-embed-layernorm turns into one op
+EMBED = {"bert": 1, "roberta": 1, "distilbert": 1, "gpt2": 1, "bart": 2}
+# ...of which these stay unfused: TorchScript's BART encoder also reads its token embeddings
+# through a Gather (inputs_embeds[:, :, -1]), so the lookup is not private to the block
+EMBED_LEFT = {("bart", "torchscript"): 1}
 # activations each family's export leaves to fuse-activations (LLaMA's SiLU has no fused kernel)
 ACTIVATIONS = {"tiny-bert": "bias-gelu", "bert": "bias-gelu", "gpt2": "gelu-tanh-half", "vit": "bias-gelu"}
 
@@ -76,6 +83,12 @@ def check_family(family: str, exporter: str, attn: str | None = None) -> dict:
     after = rt.run(rt.create_session(outcome.model), feeds)
     assert rt.max_abs_diff(before, after) < 1e-4
     assert all(np.isfinite(v).all() for v in after.values())
+    rotary = records["fuse-rotary"]["details"]
+    assert (rotary["fused"], rotary["unfused"]) == (ROTARY.get(family, 0), 0), rotary["sites"]
+    assert ops.get("com.microsoft.RotaryEmbedding", 0) == ROTARY.get(family, 0)
+    embed = records["fuse-embed-layernorm"]["details"]
+    left = EMBED_LEFT.get((family, exporter), 0)
+    assert (embed["fused"], embed["unfused"]) == (EMBED.get(family, 0) - left, left), embed["sites"]
     if family in ACTIVATIONS:
         assert records["fuse-activations"]["rule_counts"].get(ACTIVATIONS[family]) == 2
     return outcome.report
