@@ -30,10 +30,16 @@ NORMS = {("", "LayerNormalization"), (MS_DOMAIN, "SkipLayerNormalization")}
 class Lookup:
     gather: ir.Node
     table: np.ndarray
+    unsqueeze: ir.Node | None = None  # Unsqueeze(Gather(P, arange(S)), 0), as plain torch writes positions
 
     @property
     def ids(self) -> ir.Value:
         return self.gather.inputs[1]
+
+    def ids_shape(self, shapes: Shapes) -> tuple[int, ...] | None:
+        """The index shape the fused op sees: Gather(P, ids)[None] = Gather(P, ids[None])."""
+        shape = shapes(self.ids)
+        return None if shape is None else (1, *shape) if self.unsqueeze else tuple(shape)
 
 
 @dataclasses.dataclass
@@ -93,7 +99,7 @@ class FuseEmbedLayerNorm(TxPass):
 
         word, position, segment = roles["word"], roles["position"], roles.get("segment")
         positions = position.ids
-        if len(shapes(positions)) == 1:  # [S] (BART): the op takes [1, S]
+        if position.unsqueeze is not None or len(shapes(positions)) == 1:  # [S]: the op takes [1, S]
             axes = ir.val(f"txcompile_{site.norm.name}_axes", const_value=ir.tensor(np.array([0], np.int64)))
             graph.register_initializer(axes)
             positions = node("Unsqueeze", [positions, axes])[0]
@@ -160,11 +166,8 @@ def match(norm: ir.Node) -> Site | None:
         if producer.op_type == "Add" and producer.domain in ("", "ai.onnx"):
             adds.append(producer)
             pending.extend(producer.inputs)
-        elif producer.op_type == "Gather" and producer.domain in ("", "ai.onnx"):
-            table = ir.convenience.get_const_tensor(producer.inputs[0])
-            if table is None or producer.attributes.get_int("axis", 0) != 0 or len(table.shape) != 2:
-                return None
-            lookups.append(Lookup(producer, table.numpy()))
+        elif (lookup := _lookup(producer)) is not None:
+            lookups.append(lookup)
         else:
             return None
     if not 2 <= len(lookups) <= 3 or len({lookup.table.shape[1] for lookup in lookups}) != 1:
@@ -173,7 +176,9 @@ def match(norm: ir.Node) -> Site | None:
     site = Site(norm, lookups, adds, total if read_elsewhere else None)
     inner = [a.outputs[0] for a in adds if a.outputs[0] is not site.total]
     shared_lookup = any(
-        len(_value_users(lookup.gather)) != 1 or lookup.gather.outputs[0].is_graph_output()
+        len(_value_users(lookup.gather)) != 1
+        or lookup.gather.outputs[0].is_graph_output()
+        or (lookup.unsqueeze is not None and len(lookup.unsqueeze.outputs[0].uses()) != 1)
         for lookup in lookups
     )
     if shared_lookup or any(len(value.uses()) != 1 or value.is_graph_output() for value in inner):
@@ -183,6 +188,30 @@ def match(norm: ir.Node) -> Site | None:
     elif any(lookup.table.dtype != np.float32 for lookup in lookups):
         site.reason = "the embedding tables are not float32"
     return site
+
+
+def _lookup(node: ir.Node) -> Lookup | None:
+    """Gather(table, ids) from a constant 2-D table, possibly under Unsqueeze(axes=[0])."""
+    unsqueeze = None
+    if node.op_type == "Unsqueeze" and node.domain in ("", "ai.onnx"):
+        axes = ir.convenience.get_const_tensor(node.inputs[1]) if len(node.inputs) > 1 else None
+        if (
+            axes is None
+            or [int(a) for a in axes.numpy().reshape(-1)] != [0]
+            or node.inputs[0].producer() is None
+        ):
+            return None
+        unsqueeze, node = node, node.inputs[0].producer()
+    if (
+        node.op_type != "Gather"
+        or node.domain not in ("", "ai.onnx")
+        or node.attributes.get_int("axis", 0) != 0
+    ):
+        return None
+    table = ir.convenience.get_const_tensor(node.inputs[0])
+    if table is None or len(table.shape) != 2:
+        return None
+    return Lookup(node, table.numpy(), unsqueeze)
 
 
 def _read_elsewhere(value: ir.Value, norm: ir.Node) -> bool:
@@ -235,11 +264,11 @@ def assign_roles(site: Site, shapes: Shapes) -> dict[str, Lookup] | None:
     """
     ordered = sorted(site.lookups, key=lambda lookup: -lookup.table.shape[0])
     for word, position, *others in itertools.permutations(ordered):
-        word_shape, position_shape = shapes(word.ids), shapes(position.ids)
+        word_shape, position_shape = word.ids_shape(shapes), position.ids_shape(shapes)
         if word_shape is None or len(word_shape) != 2 or position_shape is None:
             continue
         if tuple(position_shape) not in ((word_shape[1],), (1, word_shape[1]), tuple(word_shape)):
             continue
-        if all(shapes(other.ids) == word_shape for other in others):
+        if all(other.ids_shape(shapes) == word_shape for other in others):
             return {"word": word, "position": position} | ({"segment": others[0]} if others else {})
     return None

@@ -46,7 +46,7 @@ SITES = {
 # RoPE sites (Q and K of each layer) fuse-rotary turns into RotaryEmbedding
 ROTARY = {"tiny-llama": 4, "llama": 4}
 # embedding blocks (lookups summed, then LayerNorm) fuse-embed-layernorm turns into one op
-EMBED = {"bert": 1, "roberta": 1, "distilbert": 1, "gpt2": 1, "bart": 2}
+EMBED = {"tiny-bert": 1, "bert": 1, "roberta": 1, "distilbert": 1, "gpt2": 1, "bart": 2}
 # ...of which these stay unfused: TorchScript's BART encoder also reads its token embeddings
 # through a Gather (inputs_embeds[:, :, -1]), so the lookup is not private to the block
 EMBED_LEFT = {("bart", "torchscript"): 1}
