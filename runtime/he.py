@@ -54,10 +54,11 @@ def make_context(depth: int, scale_bits: int = SCALE_BITS):
     from txcompile.depth import suggest_ckks
 
     params = None
-    for bits in dict.fromkeys((scale_bits, 30)):  # a 30-bit scale fits 1e-2 work in a smaller ring
-        candidate = suggest_ckks(depth, bits)
-        if candidate and (params is None or candidate["poly_modulus_degree"] < params["poly_modulus_degree"]):
-            params, scale_bits = candidate, bits
+    for bits in dict.fromkeys((scale_bits, 30)):  # 30 bits (~1e-3 noise) only where no ring fits more
+        params = suggest_ckks(depth, bits)
+        if params:
+            scale_bits = bits
+            break
     if params is None:
         raise TxError(f"no CKKS ring fits depth {depth} without bootstrapping")
     ts = _tenseal()

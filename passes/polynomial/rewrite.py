@@ -29,6 +29,9 @@ from .sites import Site, find_sites
 
 MODES = ("approx", "power-softmax")
 MASKED = -1e4  # additive mask entries below this are "not allowed"
+MAX_DEGREE = 127  # wide activation domains (GELU on ±35 in MiniLM's first layer) need it for 1e-3
+MAX_SQUARINGS = 6  # softmax normalize-and-square rounds tried
+SUM_SLACK = 1.05  # room for the exp's own error at the edges of the row-sum bounds
 
 
 class PolynomialForm(TxPass):
@@ -111,7 +114,7 @@ class PolynomialForm(TxPass):
             if parity:  # a symmetric domain keeps the parity
                 hi = max(abs(lo), abs(hi))
                 lo = -hi
-            poly = fit_to_tolerance(key, fn, lo, hi, self.tol, parity)
+            poly = fit_to_tolerance(key, fn, lo, hi, self.tol, parity, max_degree=MAX_DEGREE)
         b = GraphBuilder(graph, node, f"{node.name}/poly")
         ar = OnnxArith(b)
         t, folded = scaled_input(b, x, poly.mid, poly.half, self.encrypted)
@@ -145,46 +148,78 @@ class PolynomialForm(TxPass):
         calib = self.calib[x.name]
         if self.mode == "power-softmax":
             return self._power_softmax(graph, site, base, plain, domain, axis)
-        centered = [_centered(a) for a in calib]
-        domain = calibrate.domain_of([c[np.isfinite(c)] for c in centered], self.margin)
-        rows = np.concatenate([np.nanmean(np.exp(c), -1).ravel() for c in centered])
-        sums = calibrate.positive_domain(rows, self.margin)
-        s = 2.0 / (sums.high - sums.low)
-        recip = plan_inverse("softmax-reciprocal", 1.0, s * sums.low, s * sums.low + 2.0, self.tol)
-
-        def target(v):
-            return s * np.exp(v)
-
-        exp = fit_to_tolerance("exp", target, domain.lo, domain.hi, self.tol * s)
+        n = calib[0].shape[axis]
+        plan, error = self._plan_softmax([_centered(a) for a in calib], n, calib, axis)
         b = GraphBuilder(graph, node, f"{node.name}/poly")
-        weights, xs, folded = self._row_weights(b, base, plain, exp.half, calib[0].shape[axis])
-        out = composite.softmax(OnnxArith(b), OnnxArith(b, weights), xs, weights, exp, recip, axis)
+        weights, xs, folded = self._row_weights(b, base, plain, plan.half, n)
+        out = composite.softmax(OnnxArith(b), OnnxArith(b, weights), xs, weights, plan, axis)
         self._finish(site, b, out, "softmax-exp-newton")
         levels = LevelArith()
-        depth = composite.softmax(levels, levels, 0, 0, exp, recip, axis) + (0 if folded else 1)
+        depth = composite.softmax(levels, levels, 0, 0, plan, axis) + (0 if folded else 1)
         error = max(
-            _max_error(_softmax_exact(a), self._softmax_numpy(a, exp, recip, axis))
-            for a in [*calib, *self.heldout[x.name]]
+            [error]
+            + [
+                _max_error(_softmax_exact(a), self._softmax_numpy(a, plan, axis))
+                for a in self.heldout[x.name]
+            ]
         )
+        domain = calibrate.domain_of([c[np.isfinite(c)] for c in map(_centered, calib)], self.margin)
         held = [_centered(a) for a in self.heldout[x.name]]
         return {
             "rule": "softmax-exp-newton",
             "kind": "Softmax",
-            "degree": exp.degree,
+            "degree": plan.exp.degree,
             "depth": depth,
-            "exp_depth": exp.depth(),
-            "reciprocal": _inverse_record(recip),
+            "exp_depth": plan.exp.depth(),
+            "reciprocal": _inverse_record(plan.recip),
+            "squarings": plan.rounds,
+            "square_reciprocal": _inverse_record(plan.square) if plan.square else None,
             "max_error": error,
-            "exp_max_error": exp.max_error / s,
             "prescale_folded": folded,
             "domain": [domain.lo, domain.hi],
             "observed": [domain.low, domain.high],
-            "reciprocal_domain": [sums.low, sums.high],
             "masked": plain is not None,
             "out_of_range": calibrate.out_of_range_rate(
                 [h[np.isfinite(h)] for h in held], domain.lo, domain.hi
             ),
         }
+
+    def _plan_softmax(self, centered, n: int, calib, axis: int) -> tuple[composite.SoftmaxPlan, float]:
+        """The shallowest sound plan (number of normalize-and-square rounds) meeting tol on
+        the calibration rows, else the most accurate one.
+
+        Each round halves the range the exp must cover, and so shrinks exponentially the range
+        of row sums its reciprocal must invert, at the price of one squaring and one reciprocal
+        of fixed domain.
+        """
+        candidates = []
+        for rounds in range(MAX_SQUARINGS + 1):
+            plan = self._softmax_plan(centered, n, rounds)
+            error = max(_max_error(_softmax_exact(a), self._softmax_numpy(a, plan, axis)) for a in calib)
+            levels = LevelArith()
+            candidates.append((composite.softmax(levels, levels, 0, 0, plan, axis), error, plan))
+        good = [c for c in candidates if c[1] <= self.tol and c[2].sound(self.tol)]
+        _, error, plan = min(good, key=lambda c: c[0]) if good else min(candidates, key=lambda c: c[1])
+        return plan, error
+
+    def _softmax_plan(self, centered, n: int, rounds: int) -> composite.SoftmaxPlan:
+        tol = self.tol / 2**rounds  # each squaring doubles the relative error
+        squeezed = [c / 2**rounds for c in centered]
+        domain = calibrate.domain_of([c[np.isfinite(c)] for c in squeezed], self.margin)
+        low, high = 1.0 / SUM_SLACK, _mean_exp_bound(domain.lo, domain.hi) * SUM_SLACK
+        s = 2.0 / (high - low)
+        recip = plan_inverse("softmax-reciprocal", 1.0, s * low, s * low + 2.0, tol)
+
+        def target(v):
+            return s * np.exp(v)
+
+        exp = fit_to_tolerance("exp", target, domain.lo, domain.hi, tol * s)
+        if not rounds:
+            return composite.SoftmaxPlan(exp, recip)
+        lo, hi = 1.0 / (n * SUM_SLACK), SUM_SLACK  # Σy² of a probability row lies in [1/n_valid, 1]
+        q = 2.0 / (hi - lo)
+        square = plan_inverse("softmax-square-reciprocal", 1.0, q * lo, q * lo + 2.0, tol)
+        return composite.SoftmaxPlan(exp, recip, rounds, square, q)
 
     def _power_softmax(self, graph, site, base, plain, domain, axis):
         node, x = site.node, site.value
@@ -245,11 +280,11 @@ class PolynomialForm(TxPass):
         xs = b.op("Add", scaled, b.op("Mul", finite, b.const(1.0 / half)))
         return weights, xs, folded
 
-    def _softmax_numpy(self, a: np.ndarray, exp, recip, axis: int) -> np.ndarray:
+    def _softmax_numpy(self, a: np.ndarray, plan: composite.SoftmaxPlan, axis: int) -> np.ndarray:
         keep = (a > MASKED).astype(np.float64)
         weights = keep / np.maximum(keep.sum(-1, keepdims=True), 1.0)
-        xs = np.where(keep > 0, a, 0.0) / exp.half
-        return composite.softmax(NumpyArith(), NumpyArith(weights), xs, weights, exp, recip, axis)
+        xs = np.where(keep > 0, a, 0.0) / plan.half
+        return composite.softmax(NumpyArith(), NumpyArith(weights), xs, weights, plan, axis)
 
     def _layernorm(self, graph: ir.Graph, site: Site) -> dict[str, Any]:
         node, x = site.node, site.value
@@ -389,6 +424,18 @@ def _centered(a: np.ndarray) -> np.ndarray:
     return np.where(keep, a - mean, np.nan)
 
 
+def _mean_exp_bound(lo: float, hi: float) -> float:
+    """The largest mean(exp(c)) over rows with mean(c) = 0 and every c in [lo, hi].
+
+    exp is convex, so the worst row puts all its mass on lo and hi (in the proportion that
+    keeps the mean at 0); Jensen gives the lower bound, 1. Any row the exp's domain covers has
+    its sum in [1, this]: the reciprocal planned on it cannot be pushed past its domain.
+    """
+    if not lo < 0 < hi:
+        return math.exp(max(hi, 0.0))
+    return (-lo * math.exp(hi) + hi * math.exp(lo)) / (hi - lo)
+
+
 def _masked_sum(values: np.ndarray, raw: np.ndarray) -> np.ndarray:
     return np.where(raw > MASKED, values, 0.0).sum(-1).ravel()
 
@@ -409,7 +456,10 @@ def _layernorm_exact(a: np.ndarray, gamma: np.ndarray, eps: float) -> np.ndarray
 
 
 def _max_error(exact: np.ndarray, approx: np.ndarray) -> float:
-    return float(np.max(np.abs(exact - approx)))
+    """Max absolute error; a diverged (non-finite) result is an infinite error, never NaN,
+    which ``max`` would silently skip."""
+    error = np.abs(np.asarray(exact, dtype=np.float64) - approx)
+    return float(error.max()) if np.isfinite(error).all() else math.inf
 
 
 def _const_or_fail(node: ir.Node, index: int) -> np.ndarray:
