@@ -21,12 +21,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from txcompile.errors import TxError
-from txcompile.passes.attention_shapes import Shapes, probe_shapes
+from txcompile.passes import attention_gqa as gqa
+from txcompile.passes.attention_shapes import Shapes, probe_shapes, probe_values
 from txcompile.passes.attention_sites import BiasTerm, Site, find_sites
 from txcompile.passes.base import TxPass
 from txcompile.passes.precision import requested_precision
 
-ATTENTION_OPS = ("ms", "onnx")
+ATTENTION_OPS = ("ms", "onnx", "gqa")
 MS_DOMAIN = "com.microsoft"
 ONNX_ATTENTION_OPSET = 23
 
@@ -128,6 +129,11 @@ class FuseAttention(TxPass):
         values = [v for s in readable for v in neighbourhood(s)]
         shapes = Shapes(probe_shapes(model, values, self.context.feeds) if readable else {})
         self._bias_cache: dict[tuple, ir.Value] = {}
+        self._fallbacks: dict[str, str] = {}
+        if op_choice == "gqa":
+            terms = [t.value for s in readable for t in s.biases]
+            self._mask_values = probe_values(model, terms, self.context.feeds) if terms else {}
+            self._padding, self._padding_reason = gqa.padding_input(self.context.feeds)
         records = []
         for index, site in enumerate(sites):
             op = None
@@ -135,7 +141,7 @@ class FuseAttention(TxPass):
                 layout = _layout(site, shapes)
                 if site.reason is None:
                     op = self._fuse(model, site, layout, shapes, op_choice, index)
-            records.append(_record(site, op))
+            records.append(_record(site, op, self._fallbacks.get(site.name)))
         fused = sum(r["status"] == "fused" for r in records)
         if fused:
             common.RemoveUnusedNodesPass()(model)
@@ -152,9 +158,14 @@ class FuseAttention(TxPass):
     def _fuse(self, model, site: Site, layout: Layout, shapes: Shapes, op_choice: str, index: int) -> str:
         builder = _Builder(model.graph, f"txcompile_attention_{index}")
         model.opset_imports.setdefault(MS_DOMAIN, 1)
+        plan = self._gqa_plan(site, layout, shapes) if op_choice == "gqa" else None
         if op_choice == "onnx":
             op = self._emit_onnx(model, site, layout, shapes, builder)
+        elif isinstance(plan, tuple):
+            op = self._emit_gqa(model, site, layout, shapes, builder, *plan)
         else:
+            if plan is not None:
+                self._fallbacks[site.name] = f"not GroupQueryAttention: {plan}"
             op = self._emit_ms(site, layout, shapes, builder)
         model.graph.insert_before(site.pv, builder.nodes)
         return op
@@ -202,6 +213,70 @@ class FuseAttention(TxPass):
         self.rule_counts[rule] += 1
         self.tag(b.nodes, rule)
         return f"{MS_DOMAIN}.MultiHeadAttention"
+
+    def _gqa_plan(self, site: Site, layout: Layout, shapes: Shapes):
+        """(K, V with their own heads, KV heads) when the site may be GroupQueryAttention, else why not."""
+        if self._padding_reason:
+            return self._padding_reason
+        reason = gqa.causal_padding_reason(
+            site, layout.seq, layout.keys, self._mask_values, self.context.feeds, self._padding
+        )
+        if reason:
+            return reason
+        merged = _merged_heads(site.key_t, (0, 2, 3, 1), layout.keys, layout, shapes)
+        if merged is not None:  # Kᵀ split straight from [B, L, hidden]: nothing repeats it
+            return merged, site.value, layout.heads
+        key_4d = _untransposed_key(site.key_t, layout, shapes)
+        if key_4d is None:
+            return "K is neither [B, L, hidden] split into heads nor a transposed [B, N, L, D] tensor"
+        dims = (layout.batch, layout.heads, layout.keys, layout.head_dim)
+        key, kv_heads = gqa.unrepeated(key_4d, *dims, shapes)
+        value, value_heads = gqa.unrepeated(site.value, *dims, shapes)
+        if kv_heads != value_heads:
+            return f"K has {kv_heads} heads before repetition, V {value_heads}"
+        return key, value, kv_heads
+
+    def _emit_gqa(self, model, site, layout: Layout, shapes, b: _Builder, key, value, kv_heads: int) -> str:
+        """Q [B, S, N·D], K/V [B, L, KV·D] without the repetition, causal mask and padding as
+        per-row lengths: the op the CUDA EP runs with flash / memory-efficient kernels."""
+        kv_layout = dataclasses.replace(layout, heads=kv_heads)
+        query = _merged_heads(site.query, (0, 2, 1, 3), layout.seq, layout, shapes)
+        if query is None:
+            query = _bsh(site.query, layout.hidden, b)
+        key = key if len(shapes(key) or ()) == 3 else _bsh(key, kv_layout.hidden, b)
+        value = _merged_heads(value, (0, 2, 1, 3), layout.keys, kv_layout, shapes) or _bsh(
+            value, kv_layout.hidden, b
+        )
+        seqlens, total = self._lengths(model, key, b)
+        attributes = {"num_heads": layout.heads, "kv_num_heads": kv_heads, "scale": float(site.scale)}
+        inputs = [query, key, value, None, None, seqlens, total]
+        output = b.ops("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, outputs=3)[0]
+        _attach_output(site, output, layout, shapes, b, merged=True)
+        self.rule_counts["gqa"] += 1
+        self.tag(b.nodes, "gqa")
+        return f"{MS_DOMAIN}.GroupQueryAttention"
+
+    def _lengths(self, model, key: ir.Value, b: _Builder) -> tuple[ir.Value, ir.Value]:
+        """(seqlens_k [B] = valid keys − 1, total_sequence_length) as int32, shared by the layers
+        when they come from the attention-mask input."""
+        int32 = ir.DataType.INT32
+        if self._padding is not None and ("lengths", self._padding) in self._bias_cache:
+            return self._bias_cache[("lengths", self._padding)]
+        one = b.const(np.array(1, np.int32))
+        if self._padding is None:
+            total = b.op(
+                "Cast", [b.op("Squeeze", [b.op("Shape", [key], {"start": 1, "end": 2})])], {"to": int32}
+            )
+            batch = b.op("Shape", [key], {"start": 0, "end": 1})
+            return b.op("Expand", [b.op("Sub", [total, one]), batch]), total
+        mask = next(v for v in model.graph.inputs if v.name == self._padding)
+        axis = b.const(np.array([1], np.int64))
+        valid = b.op("ReduceSum", [b.op("Cast", [mask], {"to": int32}), axis], {"keepdims": 0})
+        seqlens = b.op("Sub", [valid, one])
+        length = b.op("Squeeze", [b.op("Shape", [mask], {"start": 1, "end": 2})])
+        pair = (seqlens, b.op("Cast", [length], {"to": int32}))
+        self._bias_cache[("lengths", self._padding)] = pair
+        return pair
 
     def _emit_packed(self, site, layout, shapes, b: _Builder, packed, packed_bias, attention_bias) -> str:
         """Q, K and V project one input: com.microsoft.Attention does the three GEMMs as one."""
@@ -537,11 +612,19 @@ def _layout(site: Site, shapes: Shapes) -> Layout | None:
     return Layout(batch, heads, seq, key_t[3], head_dim)
 
 
-def _record(site: Site, op: str | None) -> dict[str, Any]:
+def _record(site: Site, op: str | None, note: str | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {"site": site.name}
     if op is None:
         record.update(status="unfused", reason=site.reason or "not fused")
     else:
         masks = sorted({t.kind for t in site.biases})
         record.update(status="fused", op=op, scale=round(site.scale, 6), bias=masks or None)
+        if note:
+            record["note"] = note
     return record
+
+
+def _bsh(value: ir.Value, hidden: int, b: _Builder) -> ir.Value:
+    """[B, N, S, D] → [B, S, N·D]."""
+    transposed = b.op("Transpose", [value], {"perm": [0, 2, 1, 3]})
+    return b.op("Reshape", [transposed, b.const(np.array([0, 0, hidden], np.int64))])

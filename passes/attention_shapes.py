@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
 from txcompile.runtime import session as rt
@@ -26,9 +27,26 @@ def probe_shapes(
     model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[int, ...]]:
     """Shapes by value name, from one ORT run (with optimizations off) on ``feeds``."""
+    found, initializers = _probe(model, values, feeds)
+    shapes = {name: tuple(int(d) for d in value.shape) for name, value in found.items()}
+    shapes.update({name: tuple(tensor.dims) for name, tensor in initializers.items()})
+    return shapes
+
+
+def probe_values(
+    model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Values by name, from the same kind of run."""
+    found, initializers = _probe(model, values, feeds)
+    found.update({name: onnx.numpy_helper.to_array(tensor) for name, tensor in initializers.items()})
+    return found
+
+
+def _probe(model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.ndarray]):
+    """(computed values and feeds by name, wanted initializer protos by name)."""
     names = sorted({v.name for v in values if v is not None and v.name})
     if not feeds or not names:
-        return {}
+        return {}, {}
     proto = ir.serde.serialize_model(model)
     inferred = onnx.shape_inference.infer_shapes(proto) if proto.ByteSize() < rt.PROTOBUF_LIMIT else proto
     types = {vi.name: vi.type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
@@ -44,14 +62,9 @@ def probe_shapes(
             info.type.CopyFrom(types[name])
     session = rt.create_session(proto, optimize=False)
     outputs = rt.run(session, feeds)
-    shapes = {name: tuple(int(d) for d in value.shape) for name, value in outputs.items() if name in wanted}
-    for name, value in feeds.items():
-        if name in wanted:
-            shapes[name] = tuple(value.shape)
-    for tensor in proto.graph.initializer:
-        if tensor.name in wanted:
-            shapes[tensor.name] = tuple(tensor.dims)
-    return shapes
+    found = {name: value for name, value in outputs.items() if name in wanted}
+    found.update({name: np.asarray(value) for name, value in feeds.items() if name in wanted})
+    return found, {t.name: t for t in proto.graph.initializer if t.name in wanted}
 
 
 class Shapes:

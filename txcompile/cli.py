@@ -82,9 +82,10 @@ def _add_optimize_options(parser: argparse.ArgumentParser) -> None:
 def _add_attention_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention-op",
-        choices=["ms", "onnx"],
+        choices=["ms", "onnx", "gqa"],
         default="ms",
-        help="fused attention as com.microsoft MultiHeadAttention (default) or ONNX Attention (opset 23)",
+        help="fused attention as com.microsoft MultiHeadAttention (default), ONNX Attention (opset 23), "
+        "or GroupQueryAttention for causal sites (right-padded batches; fp16/bf16 on CUDA)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when any attention site stays unfused")
 

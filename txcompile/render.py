@@ -119,9 +119,13 @@ def attention_coverage(report: dict) -> list[dict]:
 
 def coverage_rows(report: dict) -> list[list[str]]:
     return [
-        [s["site"], s["status"], s.get("op") or "-", s.get("reason") or ", ".join(s.get("bias") or []) or "-"]
-        for s in attention_coverage(report)
+        [s["site"], s["status"], s.get("op") or "-", _mask_or_reason(s)] for s in attention_coverage(report)
     ]
+
+
+def _mask_or_reason(site: dict) -> str:
+    text = site.get("reason") or ", ".join(site.get("bias") or []) or "-"
+    return f"{text} ({site['note']})" if site.get("note") else text
 
 
 COVERAGE_HEAD = ["attention site", "status", "op", "mask / reason"]

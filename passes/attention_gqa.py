@@ -1,0 +1,100 @@
+"""When an attention site may become com.microsoft.GroupQueryAttention, and with what K/V.
+
+GroupQueryAttention reads K/V with their own (fewer) heads and applies the causal mask itself,
+plus the padding as one valid length per row (``seqlens_k``) — right padding, as ORT's kernel
+defines it. So a site qualifies only when (1) its K/V are the graph's repeat of fewer heads
+(LLaMA's ``repeat_kv``: Reshape(Expand(Unsqueeze(kv, 2)))) or are not repeated at all, and
+(2) its additive bias, evaluated on the verification inputs, is exactly "causal, and the key is
+not padding" — nothing else added, no other mask. The check is numeric because exporters
+build that mask in too many ways to read structurally; the inputs must pad some rows, or it
+could not tell a padding mask from none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from txcompile.passes.attention_shapes import Shapes
+from txcompile.passes.attention_sites import Site
+
+BLOCKED = -1e4  # an additive bias at or below this blocks the key (exporters write -inf or dtype min)
+
+
+def unrepeated(value: ir.Value, batch: int, heads: int, keys: int, head_dim: int, shapes: Shapes):
+    """(kv [B, KV, L, D], KV) behind ``repeat_kv``, or (value, heads) when nothing repeats it."""
+    reshape = value.producer()
+    expand = reshape.inputs[0].producer() if reshape is not None and reshape.op_type == "Reshape" else None
+    unsqueeze = expand.inputs[0].producer() if expand is not None and expand.op_type == "Expand" else None
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+        return value, heads
+    kv = unsqueeze.inputs[0]
+    shape = shapes(kv)
+    if shape is None or len(shape) != 4 or heads % shape[1]:
+        return value, heads
+    kv_heads = shape[1]
+    if shape != (batch, kv_heads, keys, head_dim):
+        return value, heads
+    if shapes(expand.outputs[0]) != (batch, kv_heads, heads // kv_heads, keys, head_dim):
+        return value, heads
+    return kv, kv_heads
+
+
+def padding_input(feeds: Mapping[str, np.ndarray]) -> tuple[str | None, str | None]:
+    """(name of the 2-D attention-mask input or None, reason it cannot be used)."""
+    masks = [name for name, value in feeds.items() if value.ndim == 2 and "mask" in name.lower()]
+    if len(masks) > 1:
+        return None, f"several 2-D mask inputs ({', '.join(masks)})"
+    return (masks[0] if masks else None), None
+
+
+def causal_padding_reason(
+    site: Site,
+    seq: int,
+    keys: int,
+    values: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray],
+    mask_name: str | None,
+) -> str | None:
+    """None when the site's bias is exactly causal ∧ key-not-padding on ``feeds``, else why not."""
+    if not site.biases:
+        return "no causal mask"
+    total = 0.0
+    for term in site.biases:
+        if term.value.name not in values:
+            return "mask could not be evaluated"
+        value = np.asarray(values[term.value.name])
+        if term.kind == "add":
+            part = value.astype(np.float64) * term.factor
+        else:
+            fill = term.fill * term.factor
+            part = np.where(value, 0.0, fill) if term.kind == "fill-false" else np.where(value, fill, 0.0)
+        total = total + part
+    total = np.asarray(total)
+    if total.ndim > 4:
+        return "mask has more than 4 axes"
+    total = total.reshape((1,) * (4 - total.ndim) + total.shape)
+    allowed = total > BLOCKED
+    if np.any(total[allowed] != 0):
+        return "an additive bias besides the mask (GroupQueryAttention takes none)"
+    if seq != keys:
+        return f"queries ({seq}) and keys ({keys}) differ in length"
+    causal = np.tril(np.ones((seq, keys), bool))[None, None]
+    if mask_name is None:
+        return None if _same(allowed, causal) else "mask is not causal"
+    keep = np.asarray(feeds[mask_name]) > 0
+    if keep.all():
+        return f"the verification inputs do not pad {mask_name}: cannot tell how the mask reaches this site"
+    if not np.all(keep[:, :1]) or np.any(np.diff(keep.astype(np.int8), axis=1) > 0):
+        return f"{mask_name} is not right-padded in the verification inputs"
+    return None if _same(allowed, causal & keep[:, None, None, :]) else "mask is not causal ∧ padding"
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        return False
+    return bool(np.array_equal(np.broadcast_to(a, shape), np.broadcast_to(b, shape)))

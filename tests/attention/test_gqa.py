@@ -1,0 +1,112 @@
+"""--attention-op gqa: causal sites become GroupQueryAttention with K/V at their own head count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from txcompile import compiler, kernels
+from txcompile.exporters import export_onnx, load_model_spec
+from txcompile.passes.base import PassContext
+from txcompile.passes.kernel_check import missing_kernels
+from txcompile.passes.precision import Precision
+from txcompile.runtime import inputs
+from txcompile.runtime import session as rt
+
+DIMS = {"batch": 2, "seq": 16}
+HF = Path(__file__).resolve().parents[1] / "data" / "hf"
+GQA = "com.microsoft.GroupQueryAttention"
+
+
+@pytest.fixture(scope="module")
+def llama() -> onnx.ModelProto:
+    return export_onnx(load_model_spec("tiny-llama"), dims=DIMS).model
+
+
+def _gqa(model: onnx.ModelProto, npz: str | None = None):
+    settings = compiler.Settings(target="cpu", inputs_npz=npz, options={"attention_op": "gqa"})
+    outcome = compiler.optimize(model, settings, source="test", output="unused.onnx")
+    fusion = next(p for p in outcome.report["passes"] if p["name"] == "fuse-attention")
+    return outcome, fusion["details"]["sites"]
+
+
+def _nodes(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def test_llama_sites_become_gqa_with_their_own_kv_heads(llama):
+    outcome, sites = _gqa(llama)
+    assert [s["op"] for s in sites] == [GQA, GQA]
+    assert outcome.passed and outcome.report["verification"]["max_diff"] < 1e-4  # padded rows included
+    for node in _nodes(outcome.model, "GroupQueryAttention"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2  # the repeat is gone
+    assert not _nodes(outcome.model, "Expand")  # neither the KV repetition nor a mask is left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family,exporter,kv_heads",
+    [("llama", "torchscript", 2), ("gpt2", "dynamo", 4), ("gpt2", "torchscript", 4)],
+)
+def test_hugging_face_decoders(family, exporter, kv_heads):
+    model = export_onnx(load_model_spec(str(HF / family)), dims=DIMS, exporter=exporter).model
+    outcome, sites = _gqa(model)
+    assert sites and all(s["op"] == GQA for s in sites)
+    assert outcome.passed
+    for node in _nodes(outcome.model, "GroupQueryAttention"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["kv_num_heads"] == kv_heads
+
+
+def test_fp16_gqa_has_cuda_kernels(llama):
+    outcome, _ = _gqa(llama)
+    working = ir.serde.deserialize_model(outcome.model)
+    tx_pass = Precision(PassContext("gpu", "cuda", {}, {}))
+    tx_pass(working)
+    assert tx_pass.details["low_ops"][GQA] == 2
+    assert missing_kernels(working, kernels.cuda_table())[1] == []
+
+
+def test_gqa_in_fp16_stays_close_on_the_cpu_ep(llama):
+    """The CPU EP has no fp16 MatMul, so only the GroupQueryAttention ops run in fp16 here."""
+    outcome, _ = _gqa(llama)
+    working = ir.serde.deserialize_model(outcome.model)
+    for node in [n for n in working.graph if n.op_type == "GroupQueryAttention"]:
+        for i in range(3):
+            cast = ir.node("Cast", [node.inputs[i]], {"to": ir.DataType.FLOAT16})
+            working.graph.insert_before(node, cast)
+            node.replace_input_with(i, cast.outputs[0])
+        output = node.outputs[0]
+        back = ir.node("Cast", [output], {"to": ir.DataType.FLOAT})
+        output.replace_all_uses_with(back.outputs[0])
+        back.replace_input_with(0, output)
+        working.graph.insert_after(node, back)
+        output.dtype = ir.DataType.FLOAT16
+    feeds = inputs.make_feeds(inputs.read_specs(llama), DIMS)
+    half = rt.run(rt.create_session(ir.serde.serialize_model(working)), feeds)
+    full = rt.run(rt.create_session(outcome.model), feeds)
+    assert 0 < rt.max_abs_diff(half, full) < 2e-2
+
+
+def test_encoder_padding_mask_is_not_causal_and_stays_mha():
+    model = export_onnx(load_model_spec("tiny-bert"), dims=DIMS).model
+    outcome, sites = _gqa(model)
+    assert all(
+        s["op"] != GQA and s["note"] == "not GroupQueryAttention: mask is not causal ∧ padding" for s in sites
+    )
+    assert outcome.passed
+
+
+def test_left_padded_verification_inputs_are_refused(llama, tmp_path):
+    """GroupQueryAttention reads padding as a length per row: only right padding means that."""
+    feeds = inputs.make_feeds(inputs.read_specs(llama), DIMS)
+    feeds["attention_mask"] = feeds["attention_mask"][:, ::-1].copy()
+    np.savez(tmp_path / "left.npz", **feeds)
+    outcome, sites = _gqa(llama, str(tmp_path / "left.npz"))
+    assert all(s["op"] == "com.microsoft.MultiHeadAttention" for s in sites)
+    assert "not right-padded" in sites[0]["note"] and outcome.passed
