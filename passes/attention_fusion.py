@@ -116,7 +116,7 @@ def neighbourhood(site: Site) -> list[ir.Value]:
 
 class FuseAttention(TxPass):
     name = "fuse-attention"
-    summary = "fuse every Softmax-between-two-MatMuls site into MultiHeadAttention (or ONNX Attention)"
+    summary = "fuse every Softmax-between-two-MatMuls site into MultiHeadAttention, ONNX Attention or GQA"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         op_choice = self.context.options.get("attention_op") or "ms"
@@ -130,6 +130,7 @@ class FuseAttention(TxPass):
         shapes = Shapes(probe_shapes(model, values, self.context.feeds) if readable else {})
         self._bias_cache: dict[tuple, ir.Value] = {}
         self._fallbacks: dict[str, str] = {}
+        self._lengths_cache: dict[str, tuple[ir.Value, ir.Value]] = {}
         if op_choice == "gqa":
             terms = [t.value for s in readable for t in s.biases]
             self._mask_values = probe_values(model, terms, self.context.feeds) if terms else {}
@@ -260,8 +261,8 @@ class FuseAttention(TxPass):
         """(seqlens_k [B] = valid keys − 1, total_sequence_length) as int32, shared by the layers
         when they come from the attention-mask input."""
         int32 = ir.DataType.INT32
-        if self._padding is not None and ("lengths", self._padding) in self._bias_cache:
-            return self._bias_cache[("lengths", self._padding)]
+        if self._padding in self._lengths_cache:
+            return self._lengths_cache[self._padding]
         one = b.const(np.array(1, np.int32))
         if self._padding is None:
             total = b.op(
@@ -275,7 +276,7 @@ class FuseAttention(TxPass):
         seqlens = b.op("Sub", [valid, one])
         length = b.op("Squeeze", [b.op("Shape", [mask], {"start": 1, "end": 2})])
         pair = (seqlens, b.op("Cast", [length], {"to": int32}))
-        self._bias_cache[("lengths", self._padding)] = pair
+        self._lengths_cache[self._padding] = pair
         return pair
 
     def _emit_packed(self, site, layout, shapes, b: _Builder, packed, packed_bias, attention_bias) -> str:

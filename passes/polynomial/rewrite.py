@@ -32,6 +32,7 @@ MASKED = -1e4  # additive mask entries below this are "not allowed"
 MAX_DEGREE = 127  # wide activation domains (GELU on ±35 in MiniLM's first layer) need it for 1e-3
 MAX_SQUARINGS = 6  # softmax normalize-and-square rounds tried
 SUM_SLACK = 1.05  # room for the exp's own error at the edges of the row-sum bounds
+MAX_EXPONENT = 600.0  # exp beyond this overflows float64 planning (e^709 is the limit)
 
 
 class PolynomialForm(TxPass):
@@ -195,17 +196,23 @@ class PolynomialForm(TxPass):
         candidates = []
         for rounds in range(MAX_SQUARINGS + 1):
             plan = self._softmax_plan(centered, n, rounds)
+            if plan is None:  # the row sums overflow: more rounds needed
+                continue
             error = max(_max_error(_softmax_exact(a), self._softmax_numpy(a, plan, axis)) for a in calib)
             levels = LevelArith()
             candidates.append((composite.softmax(levels, levels, 0, 0, plan, axis), error, plan))
+        if not candidates:
+            raise TxError(f"softmax scores span more than 2^{MAX_SQUARINGS} × {MAX_EXPONENT:g} units")
         good = [c for c in candidates if c[1] <= self.tol and c[2].sound(self.tol)]
         _, error, plan = min(good, key=lambda c: c[0]) if good else min(candidates, key=lambda c: c[1])
         return plan, error
 
-    def _softmax_plan(self, centered, n: int, rounds: int) -> composite.SoftmaxPlan:
+    def _softmax_plan(self, centered, n: int, rounds: int) -> composite.SoftmaxPlan | None:
         tol = self.tol / 2**rounds  # each squaring doubles the relative error
         squeezed = [c / 2**rounds for c in centered]
         domain = calibrate.domain_of([c[np.isfinite(c)] for c in squeezed], self.margin)
+        if domain.hi > MAX_EXPONENT:
+            return None
         low, high = 1.0 / SUM_SLACK, _mean_exp_bound(domain.lo, domain.hi) * SUM_SLACK
         s = 2.0 / (high - low)
         recip = plan_inverse("softmax-reciprocal", 1.0, s * low, s * low + 2.0, tol)
