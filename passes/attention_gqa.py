@@ -28,7 +28,7 @@ def unrepeated(value: ir.Value, batch: int, heads: int, keys: int, head_dim: int
     reshape = value.producer()
     expand = reshape.inputs[0].producer() if reshape is not None and reshape.op_type == "Reshape" else None
     unsqueeze = expand.inputs[0].producer() if expand is not None and expand.op_type == "Expand" else None
-    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or not _axes_are(unsqueeze, [2]):
         return value, heads
     kv = unsqueeze.inputs[0]
     shape = shapes(kv)
@@ -40,6 +40,15 @@ def unrepeated(value: ir.Value, batch: int, heads: int, keys: int, head_dim: int
     if shapes(expand.outputs[0]) != (batch, kv_heads, heads // kv_heads, keys, head_dim):
         return value, heads
     return kv, kv_heads
+
+
+def _axes_are(unsqueeze: ir.Node, axes: list[int]) -> bool:
+    """Unsqueeze's axes: an input since opset 13, an attribute before."""
+    if len(unsqueeze.inputs) > 1 and unsqueeze.inputs[1] is not None:
+        tensor = ir.convenience.get_const_tensor(unsqueeze.inputs[1])
+        return tensor is not None and tensor.numpy().tolist() == axes
+    attribute = unsqueeze.attributes.get_ints("axes")
+    return attribute is not None and list(attribute) == axes
 
 
 def padding_input(feeds: Mapping[str, np.ndarray]) -> tuple[str | None, str | None]:
