@@ -63,6 +63,16 @@ def test_hugging_face_decoders(family, exporter, kv_heads):
         assert attrs["kv_num_heads"] == kv_heads
 
 
+@pytest.mark.slow
+def test_decoder_without_a_padding_mask_takes_lengths_from_the_keys():
+    """Whisper: the decoder's self-attention is causal only; encoder and cross-attention stay MHA."""
+    model = export_onnx(load_model_spec(str(HF / "whisper")), dims=DIMS).model
+    outcome, sites = _gqa(model)
+    assert sum(s["op"] == GQA for s in sites) == 2
+    assert all(s["note"] == "not GroupQueryAttention: no causal mask" for s in sites if s["op"] != GQA)
+    assert outcome.passed
+
+
 def test_fp16_gqa_has_cuda_kernels(llama):
     outcome, _ = _gqa(llama)
     working = ir.serde.deserialize_model(outcome.model)
