@@ -70,18 +70,9 @@ def causal_padding_reason(
     """None when the site's bias is exactly causal ∧ key-not-padding on ``feeds``, else why not."""
     if not site.biases:
         return "no causal mask"
-    total = 0.0
-    for term in site.biases:
-        if term.value.name not in values:
-            return "mask could not be evaluated"
-        value = np.asarray(values[term.value.name])
-        if term.kind == "add":
-            part = value.astype(np.float64) * term.factor
-        else:
-            fill = term.fill * term.factor
-            part = np.where(value, 0.0, fill) if term.kind == "fill-false" else np.where(value, fill, 0.0)
-        total = total + part
-    total = np.asarray(total)
+    if any(term.value.name not in values for term in site.biases):
+        return "mask could not be evaluated"
+    total = np.asarray(sum(term.added(values[term.value.name]) for term in site.biases))
     if total.ndim > 4:
         return "mask has more than 4 axes"
     total = total.reshape((1,) * (4 - total.ndim) + total.shape)

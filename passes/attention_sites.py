@@ -42,6 +42,13 @@ class BiasTerm:
     def signature(self) -> tuple:
         return (self.kind, id(self.value), self.factor, self.fill)
 
+    def added(self, value: np.ndarray) -> np.ndarray:
+        """What this term adds to the scores, given ``value``'s array (float64)."""
+        if self.kind == "add":
+            return np.asarray(value, dtype=np.float64) * self.factor
+        fill = self.fill * self.factor
+        return np.where(value, 0.0, fill) if self.kind == "fill-false" else np.where(value, fill, 0.0)
+
 
 @dataclasses.dataclass
 class Site:

@@ -150,7 +150,8 @@ class PolynomialForm(TxPass):
         if self.mode == "power-softmax":
             return self._power_softmax(graph, site, base, plain, domain, axis)
         n = calib[0].shape[axis]
-        plan, error = self._plan_softmax([_centered(a) for a in calib], n, calib, axis)
+        centered = [_centered(a) for a in calib]
+        plan, error = self._plan_softmax(centered, n, calib, axis)
         b = GraphBuilder(graph, node, f"{node.name}/poly")
         weights, xs, folded = self._row_weights(b, base, plain, plan.half, n)
         out = composite.softmax(OnnxArith(b), OnnxArith(b, weights), xs, weights, plan, axis)
@@ -164,7 +165,7 @@ class PolynomialForm(TxPass):
                 for a in self.heldout[x.name]
             ]
         )
-        domain = calibrate.domain_of([c[np.isfinite(c)] for c in map(_centered, calib)], self.margin)
+        domain = calibrate.domain_of([c[np.isfinite(c)] for c in centered], self.margin)
         held = [_centered(a) for a in self.heldout[x.name]]
         return {
             "rule": "softmax-exp-newton",

@@ -27,6 +27,11 @@ def llama() -> onnx.ModelProto:
     return export_onnx(load_model_spec("tiny-llama"), dims=DIMS).model
 
 
+@pytest.fixture(scope="module")
+def llama_gqa(llama):
+    return _gqa(llama)
+
+
 def _gqa(model: onnx.ModelProto, npz: str | None = None):
     settings = compiler.Settings(target="cpu", inputs_npz=npz, options={"attention_op": "gqa"})
     outcome = compiler.optimize(model, settings, source="test", output="unused.onnx")
@@ -38,8 +43,8 @@ def _nodes(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type == op]
 
 
-def test_llama_sites_become_gqa_with_their_own_kv_heads(llama):
-    outcome, sites = _gqa(llama)
+def test_llama_sites_become_gqa_with_their_own_kv_heads(llama_gqa):
+    outcome, sites = llama_gqa
     assert [s["op"] for s in sites] == [GQA, GQA]
     assert outcome.passed and outcome.report["verification"]["max_diff"] < 1e-4  # padded rows included
     for node in _nodes(outcome.model, "GroupQueryAttention"):
@@ -73,8 +78,8 @@ def test_decoder_without_a_padding_mask_takes_lengths_from_the_keys():
     assert outcome.passed
 
 
-def test_fp16_gqa_has_cuda_kernels(llama):
-    outcome, _ = _gqa(llama)
+def test_fp16_gqa_has_cuda_kernels(llama_gqa):
+    outcome, _ = llama_gqa
     working = ir.serde.deserialize_model(outcome.model)
     tx_pass = Precision(PassContext("gpu", "cuda", {}, {}))
     tx_pass(working)
@@ -82,9 +87,9 @@ def test_fp16_gqa_has_cuda_kernels(llama):
     assert missing_kernels(working, kernels.cuda_table())[1] == []
 
 
-def test_gqa_in_fp16_stays_close_on_the_cpu_ep(llama):
+def test_gqa_in_fp16_stays_close_on_the_cpu_ep(llama, llama_gqa):
     """The CPU EP has no fp16 MatMul, so only the GroupQueryAttention ops run in fp16 here."""
-    outcome, _ = _gqa(llama)
+    outcome, _ = llama_gqa
     working = ir.serde.deserialize_model(outcome.model)
     for node in [n for n in working.graph if n.op_type == "GroupQueryAttention"]:
         for i in range(3):
