@@ -7,6 +7,7 @@ and loaded from there, so every caller can hand over an in-memory model.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,7 @@ from txcompile.errors import TxError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 PROTOBUF_LIMIT = 2**31 - 2**24  # leave headroom below 2 GiB for the graph itself
+PADDED_OUTPUTS_KEY = "txcompile.padded_outputs"
 
 
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
@@ -74,15 +76,38 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[
     return {o.name: value for o, value in zip(session.get_outputs(), outputs, strict=True)}
 
 
-def max_abs_diff(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    """Largest absolute difference over outputs matched by position (names may differ)."""
+def padded_rows(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """Outputs the model leaves zero at padded tokens (remove-padding records them): output
+    position → the [B, S] mask of real tokens, so comparisons skip what padding makes up."""
+    record = {p.key: p.value for p in model.metadata_props}.get(PADDED_OUTPUTS_KEY)
+    if not record:
+        return {}
+    record = json.loads(record)
+    if record["mask"] not in feeds:
+        return {}
+    keep = np.asarray(feeds[record["mask"]]) != 0
+    return {position: keep for position in record["outputs"]}
+
+
+def max_abs_diff(
+    a: Mapping[str, np.ndarray],
+    b: Mapping[str, np.ndarray],
+    real_rows: Mapping[int, np.ndarray] | None = None,
+) -> float:
+    """Largest absolute difference over outputs matched by position (names may differ); where
+    ``real_rows`` names an output, only its real tokens count (see :func:`padded_rows`)."""
     if len(a) != len(b):
         return float("inf")
     worst = 0.0
-    for x, y in zip(a.values(), b.values(), strict=True):
+    for position, (x, y) in enumerate(zip(a.values(), b.values(), strict=True)):
         x, y = np.asarray(x), np.asarray(y)
         if x.shape != y.shape:
             return float("inf")
+        keep = (real_rows or {}).get(position)
+        if keep is not None and x.shape[:2] == keep.shape:
+            x, y = x[keep], y[keep]
+        elif keep is not None and x.ndim and x.shape[0] == keep.size:  # flattened [B·S, ...]
+            x, y = x[keep.reshape(-1)], y[keep.reshape(-1)]
         if x.size == 0:
             continue
         diff = np.abs(x.astype(np.float64) - y.astype(np.float64))

@@ -88,6 +88,13 @@ def _add_attention_options(parser: argparse.ArgumentParser) -> None:
         "or GroupQueryAttention for causal sites (right-padded batches; fp16/bf16 on CUDA)",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when any attention site stays unfused")
+    parser.add_argument(
+        "--remove-padding",
+        action="store_const",
+        const=True,
+        help="run per-token work on real tokens only (default on --target gpu, where attention is "
+        "packed too; --disable-pass remove-padding turns it off); padded positions of outputs become 0",
+    )
 
 
 def _add_he_options(parser: argparse.ArgumentParser) -> None:

@@ -206,7 +206,7 @@ def run(args) -> int:
             raise TxError(f"{args.model} records no PyTorch source (txcompile.source); use --compare")
         other, label = _torch_runner(_exporters().load_model_spec(source))(feeds), f"PyTorch ({source})"
     if other is not None:
-        diff = rt.max_abs_diff(outputs, other)
+        diff = rt.max_abs_diff(outputs, other, rt.padded_rows(model, feeds))
         console.print(f"max diff vs {label}: {diff:.3g} (atol {args.atol:g})")
         if not diff <= args.atol:
             raise VerificationError(f"max diff {diff:.3g} vs {label} exceeds atol {args.atol:g}")

@@ -16,6 +16,7 @@ from txcompile.passes.polynomial.contract import CheckContract
 from txcompile.passes.polynomial.rewrite import PolynomialForm
 from txcompile.passes.precision import Precision
 from txcompile.passes.quantize import Quantize
+from txcompile.passes.remove_padding import RemovePadding
 from txcompile.passes.rotary import FuseRotary
 from txcompile.passes.sparsity import Prune, SparseMatMul, SparsityReport
 
@@ -32,6 +33,7 @@ PASSES: dict[str, type[TxPass]] = {
         FuseRotary,
         FuseAttention,
         FuseActivations,
+        RemovePadding,
         fold_batchnorm.FoldBatchNorm,
         norms.FuseNorms,
         norm_affine.FoldNormAffine,
@@ -65,6 +67,7 @@ PIPELINES: dict[str, tuple[str, list[str]]] = {
             "fuse-attention",
             "fuse-activations",
             "sparse-matmul",
+            "remove-padding",
             *TARGET_FIT,
             "analyze",
         ],
@@ -78,6 +81,7 @@ PIPELINES: dict[str, tuple[str, list[str]]] = {
             "fuse-rotary",
             "fuse-attention",
             "fuse-activations",
+            "remove-padding",
             *TARGET_FIT,
             "analyze",
         ],
