@@ -94,6 +94,8 @@ class RemovePadding(TxPass):
         values = [*graph.inputs, *(v for n in graph for v in n.outputs if v.name)]
         self.values = probe_values(model, values, self.context.feeds)
         self.rows = keep.shape
+        mask = next(v for v in graph.inputs if v.name == mask_name)
+        self.foreign = _other_rows(graph, mask)
         self.verdicts = {n: self._attention_verdict(n, keep) for n in attention}
         plan = _Plan(self)
         plan.walk(
@@ -103,7 +105,6 @@ class RemovePadding(TxPass):
             self.details["note"] = "no per-token matrix product would run on real tokens only"
             return
         sites = {n.name: self._site_status(n, plan) for n in attention}
-        mask = next(v for v in graph.inputs if v.name == mask_name)
         _Rewriter(self, model, mask).apply(plan)
         self.details.update(
             mask=mask_name,
@@ -132,6 +133,8 @@ class RemovePadding(TxPass):
         rows = [self._rows_of(v) for v in (*(node.inputs[i] for i in hidden), node.outputs[0])]
         if any(r is None or len(r) != 1 for r in rows):
             return "queries or keys are not [B, S, hidden] over the mask's rows"
+        if len({_origin(node.inputs[i]) for i in hidden}) > 1:
+            return "cross-attention: queries and keys come from different sequences"
         bias = node.inputs[bias_at] if len(node.inputs) > bias_at else None
         if bias is None or bias.name not in self.values:
             return "no additive mask: padded keys would be attended"
@@ -153,7 +156,7 @@ class RemovePadding(TxPass):
 
     def _rows_of(self, value: ir.Value | None) -> tuple[int, ...] | None:
         """The per-token tail shape when ``value`` is [B, S, ...] over the mask's rows."""
-        if value is None or value.name not in self.values:
+        if value is None or value.name not in self.values or value in self.foreign:
             return None
         shape = np.shape(self.values[value.name])
         return tuple(shape[2:]) if len(shape) >= 3 and tuple(shape[:2]) == self.rows else None
@@ -164,7 +167,7 @@ class RemovePadding(TxPass):
         tail = self._rows_of(value)
         if tail is not None:
             return tail, False
-        if value is None or value.name not in self.values:
+        if value is None or value.name not in self.values or value in self.foreign:
             return None
         shape = np.shape(self.values[value.name])
         return (tuple(shape[1:]), True) if len(shape) >= 2 and shape[0] == np.prod(self.rows) else None
@@ -261,7 +264,15 @@ class _Plan:
     def _visit(self, node: ir.Node) -> None:
         owner, key = self.owner, op_key(node)
         verdict = owner.verdicts.get(node)
-        if verdict in ("pure", "blocked") and all(node.inputs[i] in self.layouts for i in ATTENTION[key][0]):
+        data = [node.inputs[i] for i in ATTENTION[key][0]] if verdict else _data_inputs(node)
+        if any(v in self.layouts for v in data):  # the rest per token too? gather them as well
+            missing = [v for v in data if v not in self.layouts and owner.layout(v) is not None]
+            if missing and (
+                verdict in ("pure", "blocked") or owner.token_wise(node, {*self.packed, *missing})
+            ):
+                for value in missing:
+                    self._seed(value)
+        if verdict in ("pure", "blocked") and all(v in self.layouts for v in data):
             self.region.append(node)
             if verdict == "pure" and owner.context.target == "gpu":
                 self.packed_attention.add(node)
@@ -392,30 +403,22 @@ class _Rewriter:
             elif node.op_type == "Reshape":  # rows stay rows: only the tail is reshaped
                 node.replace_input_with(1, self.const(np.array([-1, *plan.layouts[node.outputs[0]][0]])))
             owner.rule_counts["per-token-on-real-tokens"] += 1
+        padded_outputs = []  # only these hold zeros at padding; any other change fails verification
         for position, value in enumerate(list(graph.outputs)):
             if value in plan.layouts and value not in plan.seeds:
                 padded = padded_form(value)
                 padded.name, value.name = value.name, f"{value.name}_real_tokens"
                 graph.outputs[position] = padded
+                padded_outputs.append(position)
         for value, (tail, _) in plan.layouts.items():
             if value not in plan.seeds:
                 _set_packed_type(value, tail, dtypes[value])
         graph.extend(self.nodes)
         graph.sort()
-        record = {"mask": self.mask.name, "outputs": self._padded_outputs(set(restored.values()))}
+        record = {"mask": self.mask.name, "outputs": padded_outputs}
         self.model.metadata_props[PADDED_OUTPUTS_KEY] = json.dumps(record)
         owner.rule_counts["gather-real-tokens"] += len(packs)
         owner.rule_counts["restore-padding"] += len(restored)
-
-    def _padded_outputs(self, restored: set[ir.Value]) -> list[int]:
-        """Positions of the [B, S, ...] graph outputs that a restored layout reaches: their padded
-        positions now hold what zeros there make, so only their real tokens are comparable."""
-        reached = set(restored)
-        for node in self.graph:
-            if any(v in reached for v in node.inputs if v is not None):
-                reached.update(node.outputs)
-        outputs = self.graph.outputs  # named as before the pass, so the probe knows their shapes
-        return [i for i, v in enumerate(outputs) if v in reached and self.owner.layout(v) is not None]
 
     def _packed_attention(self, node: ir.Node, packs: dict[ir.Value, ir.Value]) -> ir.Value:
         """Attention / MultiHeadAttention on packed tokens, the padding given by the lengths;
@@ -451,6 +454,47 @@ class _Rewriter:
 def _set_packed_type(value: ir.Value, tail: tuple[int, ...], dtype: np.dtype) -> None:
     value.shape = ir.Shape(["txcompile_tokens", *tail])
     value.type = ir.TensorType(ir.DataType.from_numpy(dtype))
+
+
+SHAPE_ONLY = {"Shape", "Size", "ConstantOfShape", "Range", "EyeLike"}
+SHAPED_BY_INPUT = {"Reshape", "Expand", "Tile", "Slice", "Pad", "Resize"}  # later inputs are sizes
+# Inputs that share the mask's rows when shapes are static and cannot say so.
+MASK_COMPANIONS = {"input_ids", "token_type_ids", "position_ids", "inputs_embeds"}
+
+
+def _other_rows(graph: ir.Graph, mask: ir.Value) -> set[ir.Value]:
+    """Values computed from an input over other rows than the mask's — a decoder's ids, say,
+    whose length only happens to equal the mask's in the verification inputs. An input shares
+    the mask's rows when its first two dims are the mask's symbolic dims (or, for static
+    shapes, when it is one of the mask's usual companions)."""
+
+    def aligned(value: ir.Value) -> bool:
+        if value is mask or value.shape is None or len(value.shape) < 2:
+            return True
+        dims, rows = value.shape.dims[:2], mask.shape.dims[:2] if mask.shape is not None else ()
+        if len(rows) != 2 or any(str(a) != str(b) for a, b in zip(dims, rows, strict=True)):
+            return False
+        return not all(isinstance(d, int) for d in rows) or value.name in MASK_COMPANIONS
+
+    foreign = {v for v in graph.inputs if not aligned(v)}
+    for node in graph:
+        if node.op_type in SHAPE_ONLY:
+            continue  # sizes are not rows (exporters share batch-size arithmetic between streams)
+        data = node.inputs[:1] if node.op_type in SHAPED_BY_INPUT else node.inputs
+        if any(v in foreign for v in data if v is not None):
+            foreign.update(node.outputs)
+    return foreign
+
+
+def _origin(value: ir.Value) -> ir.Value:
+    """Where a per-token projection chain (MatMul, bias Add, Reshape, ...) starts: Q, K and V of
+    self-attention share it; cross-attention's do not."""
+    while (node := value.producer()) is not None:
+        data = _data_inputs(node)
+        if len(data) != 1 or op_key(node) not in {"MatMul", "Gemm", "Reshape", *ELEMENTWISE}:
+            break
+        value = data[0]
+    return value
 
 
 def _data_inputs(node: ir.Node) -> list[ir.Value]:

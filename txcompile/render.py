@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import html
 from typing import Any
 
@@ -75,9 +76,25 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(
             f"{analysis['parameters']:,} parameters ({analysis['parameter_bytes'] / 2**20:.1f} MiB){flops}"
         )
+    lines.extend(padding_lines(report))
     lines.extend(kernel_lines(report))
     lines.extend(f"warning: {w}" for w in report.get("warnings", []))
     return lines
+
+
+def padding_lines(report: dict) -> list[str]:
+    """What remove-padding did: how much runs on real tokens, where attention ran."""
+    record = next((r for r in report["passes"] if r["name"] == "remove-padding"), None)
+    if record is None or record["status"] != "applied":
+        return []
+    found = record["details"]
+    sites = collections.Counter(found["attention"].values())
+    return [
+        f"padding removed: {found['nodes_on_real_tokens']} nodes run on real tokens only "
+        f"({found['real_tokens']}); attention: "
+        + ", ".join(f"{n}× {how}" for how, n in sites.items())
+        + f"; outputs are 0 at positions where {found['mask']} is 0 (compared on real tokens)"
+    ]
 
 
 def kernel_lines(report: dict) -> list[str]:
