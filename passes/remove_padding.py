@@ -185,7 +185,7 @@ class RemovePadding(TxPass):
         if key == "MatMul":
             ok = data == [node.inputs[0]] and _constant_rank(node.inputs[1]) == 2
         elif key == "Gemm":
-            flat = self.layout(node.inputs[0]) == (self.layout(node.inputs[0])[0], True)
+            flat = self.layout(node.inputs[0])[1]  # Gemm is 2-D: [B·S, K]
             ok = data == [node.inputs[0]] and flat and not node.attributes.get_int("transA", 0)
             ok = (
                 ok
@@ -382,6 +382,9 @@ class _Rewriter:
             return restored[value]
 
         for node in plan.boundary_users | plan.restored_attention:
+            if node.op_type == "Shape" and node.inputs[0] not in plan.seeds:
+                self._padded_shape(node, plan.layouts[node.inputs[0]])
+                continue
             for i, value in enumerate(node.inputs):
                 if value in plan.layouts:
                     node.replace_input_with(i, padded_form(value))
@@ -392,10 +395,9 @@ class _Rewriter:
             for i, value in enumerate(node.inputs):
                 if value in packs:
                     node.replace_input_with(i, packs[value])
+            # the token axes are gone: count the normalized or reduced axis from the end
             if node.op_type in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"):
-                node.attributes["axis"] = ir.AttrInt64(
-                    "axis", -1
-                )  # the token axis is gone: count from the end
+                node.attributes["axis"] = ir.AttrInt64("axis", -1)
             elif node.op_type in LAST_AXIS_REDUCTIONS and len(node.inputs) > 1 and node.inputs[1] is not None:
                 node.replace_input_with(1, self.const(np.array([-1])))
             elif node.op_type in LAST_AXIS_REDUCTIONS:
@@ -419,6 +421,23 @@ class _Rewriter:
         self.model.metadata_props[PADDED_OUTPUTS_KEY] = json.dumps(record)
         owner.rule_counts["gather-real-tokens"] += len(packs)
         owner.rule_counts["restore-padding"] += len(restored)
+
+    def _padded_shape(self, node: ir.Node, layout: tuple[tuple[int, ...], bool]) -> None:
+        """Shape of a packed value's padded layout, from the mask's shape: nothing restored."""
+        tail, flat = layout
+        rows = self.op("Shape", [self.mask])
+        if flat:
+            rows = self.op("ReduceProd", [rows], {"keepdims": 1})
+        shape = self.op("Concat", [rows, self.const(np.array(tail, np.int64))], {"axis": 0})
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end")
+        if start != 0 or end is not None:
+            bounds = [
+                self.const(np.array([start])),
+                self.const(np.array([end if end is not None else 2**62])),
+            ]
+            shape = self.op("Slice", [shape, *bounds])
+        ir.convenience.replace_all_uses_with(node.outputs[0], shape, replace_graph_outputs=True)
+        self.graph.remove(node, safe=True)
 
     def _packed_attention(self, node: ir.Node, packs: dict[ir.Value, ir.Value]) -> ir.Value:
         """Attention / MultiHeadAttention on packed tokens, the padding given by the lengths;
