@@ -196,17 +196,18 @@ def run(args) -> int:
     console.print(table)
     if args.save_outputs:
         np.savez(args.save_outputs, **outputs)
-    other = None
+    other, real_rows = None, rt.padded_rows(model, feeds)
     if args.compare:
         other_model = modelio.load_model(args.compare)
         other, label = rt.run(rt.create_session(other_model, args.device), feeds), args.compare
+        real_rows = real_rows or rt.padded_rows(other_model, feeds)  # either side may skip padding
     elif args.reference:
         source = {p.key: p.value for p in model.metadata_props}.get("txcompile.source")
         if not source:
             raise TxError(f"{args.model} records no PyTorch source (txcompile.source); use --compare")
         other, label = _torch_runner(_exporters().load_model_spec(source))(feeds), f"PyTorch ({source})"
     if other is not None:
-        diff = rt.max_abs_diff(outputs, other, rt.padded_rows(model, feeds))
+        diff = rt.max_abs_diff(outputs, other, real_rows)
         console.print(f"max diff vs {label}: {diff:.3g} (atol {args.atol:g})")
         if not diff <= args.atol:
             raise VerificationError(f"max diff {diff:.3g} vs {label} exceeds atol {args.atol:g}")

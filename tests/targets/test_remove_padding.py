@@ -294,6 +294,7 @@ def test_cli_remove_padding(tmp_path, tiny_bert, capsys):
     assert "remove-padding" in capsys.readouterr().out
     assert main(["run", str(out), "--compare", str(source), "--batch", "3", "--seq", "12"]) == 0
     assert "max diff vs" in capsys.readouterr().out
+    assert main(["run", str(source), "--compare", str(out), "--batch", "3", "--seq", "12"]) == 0
 
 
 @pytest.fixture(scope="module")
