@@ -1,7 +1,8 @@
 """1/u and 1/√u on a bounded domain: a Chebyshev first guess refined by Newton steps.
 
 Newton for 1/u, y ← y(2 − uy), squares the relative error at two levels a step; for 1/√u,
-y ← y(1.5 − 0.5uy²), at three. ``plan_*`` searches first-guess degree × steps for the
+y ← 1.5y − (0.5uy)·y² (the same step, associated so that uy and y² are computed side by side),
+also at two. ``plan_*`` searches first-guess degree × steps for the
 smallest depth that meets the tolerance (relative error, the one that matters when the result
 multiplies something), measured by running the exact scheme in float64.
 """
@@ -49,8 +50,8 @@ class NewtonInverse:
                 y = ar.mul(y, ar.shift(ar.mul(u_k, y), 2.0))
         else:
             half_u = ar.scale(u, -0.5 / (k * k)) if self.steps else None
-            for _ in range(self.steps):
-                y = ar.mul(y, ar.shift(ar.mul(half_u, ar.mul(y, y)), 1.5))
+            for _ in range(self.steps):  # y(1.5 − 0.5uy²) as 1.5y − (0.5uy)(y²): uy and y² side by side
+                y = ar.add(ar.scale(y, 1.5), ar.mul(ar.mul(half_u, y), ar.mul(y, y)))
         return y
 
     def __call__(self, u: np.ndarray) -> np.ndarray:
