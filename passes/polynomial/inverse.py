@@ -82,7 +82,7 @@ def plan_inverse(name: str, power: float, lo: float, hi: float, tol: float, max_
         return x ** (-power)
 
     candidates = []
-    for degree in (1, 2, 3, 4, 7, 8, 15, 16, 31, 32):
+    for degree in (1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 127):  # wide domains: a finer guess beats a step
         guess = fit_chebyshev(f"{name}-guess", target, lo, hi, degree)
         for steps in range(0, 6):
             candidate = NewtonInverse(name, power, guess, steps)
