@@ -198,6 +198,8 @@ class RemovePadding(TxPass):
             unused = NORMS[key][1]
             ok = vectors and self._is_last(node.attributes.get_int("axis", -1), node.inputs[0])
             ok = ok and all(i >= len(node.outputs) or not node.outputs[i].uses() for i in unused)
+        elif key == "Split":  # Q, K, V out of one packed projection
+            ok = vectors and self._is_last(node.attributes.get_int("axis", 0), node.inputs[0])
         elif key in LAST_AXIS_REDUCTIONS:
             axes = _reduced_axes(node)
             ok = axes is not None and len(axes) == 1 and self._is_last(axes[0], node.inputs[0])
@@ -396,7 +398,12 @@ class _Rewriter:
                 if value in packs:
                     node.replace_input_with(i, packs[value])
             # the token axes are gone: count the normalized or reduced axis from the end
-            if node.op_type in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"):
+            if node.op_type in (
+                "LayerNormalization",
+                "RMSNormalization",
+                "SimplifiedLayerNormalization",
+                "Split",
+            ):
                 node.attributes["axis"] = ir.AttrInt64("axis", -1)
             elif node.op_type in LAST_AXIS_REDUCTIONS and len(node.inputs) > 1 and node.inputs[1] is not None:
                 node.replace_input_with(1, self.const(np.array([-1])))
@@ -510,7 +517,7 @@ def _origin(value: ir.Value) -> ir.Value:
     self-attention share it; cross-attention's do not."""
     while (node := value.producer()) is not None:
         data = _data_inputs(node)
-        if len(data) != 1 or op_key(node) not in {"MatMul", "Gemm", "Reshape", *ELEMENTWISE}:
+        if len(data) != 1 or op_key(node) not in {"MatMul", "Gemm", "Reshape", "Split", *ELEMENTWISE}:
             break
         value = data[0]
     return value

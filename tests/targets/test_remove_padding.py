@@ -361,3 +361,16 @@ def test_families_on_real_tokens(family):
     gpu(working)
     assert sum(n.op_type.startswith("Packed") for n in working.graph) == packed
     assert missing_kernels(working, kernels.cuda_table())[1] == []
+
+
+def test_int8_form_packs_the_qkv_projection_too(tiny_bert):
+    """With --precision int8 attention reads Q, K, V from one MatMul + Split: that projection
+    runs on real tokens as well, and quantize then works on the packed MatMuls."""
+    outcome = optimized(tiny_bert, remove_padding=True, precision="int8")
+    step = record(outcome)
+    assert step["status"] == "applied" and step["rule_counts"]["per-token-on-real-tokens"] == 20
+    assert record(outcome, "quantize")["status"] == "applied"
+    feeds = feeds_for(tiny_bert, 4, 16, MASKS)
+    expected = rt.run(rt.create_session(tiny_bert), feeds)["last_hidden_state"]
+    got = rt.run(rt.create_session(outcome.model), feeds)["last_hidden_state"]
+    assert np.abs(got[MASKS] - expected[MASKS]).max() < 0.5 and not got[~MASKS].any()  # int8 error
