@@ -16,7 +16,8 @@ A site qualifies only when its additive bias, evaluated on the verification inpu
 padded key of every real query (the packed kernels also need it to add nothing else, since
 they take the padding from the lengths). The graph's padded outputs hold zeros at padded
 positions; the model records which (``txcompile.padded_outputs``) so verification compares real
-tokens only. On by default for ``--target gpu``; ``--remove-padding`` asks for it on the CPU.
+tokens only. On by default for ``--target gpu`` where some attention site fits the packed
+kernels (encoders); ``--remove-padding`` asks for it anywhere, the CPU included.
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ class RemovePadding(TxPass):
         )
         if not any(op_key(n) in ("MatMul", "Gemm") for n in plan.region):
             self.details["note"] = "no per-token matrix product would run on real tokens only"
+            return
+        if self.context.options.get("remove_padding") is None and not plan.packed_attention:
+            # the gpu default is for encoders: a decoder's causal attention would swap layouts twice a layer
+            self.details["note"] = (
+                "no attention site fits the packed kernels (--remove-padding forces the rest)"
+            )
             return
         sites = {n.name: self._site_status(n, plan) for n in attention}
         _Rewriter(self, model, mask).apply(plan)

@@ -92,8 +92,9 @@ def _add_attention_options(parser: argparse.ArgumentParser) -> None:
         "--remove-padding",
         action="store_const",
         const=True,
-        help="run per-token work on real tokens only (default on --target gpu, where attention is "
-        "packed too; --disable-pass remove-padding turns it off); padded positions of outputs become 0",
+        help="run per-token work on real tokens only (default on --target gpu for encoders, whose "
+        "attention is packed too; --disable-pass remove-padding turns it off); padded positions of "
+        "outputs become 0",
     )
 
 

@@ -128,10 +128,14 @@ def test_unpadded_verification_inputs_cannot_check_the_masks(tiny_bert, tiny_ber
 
 def test_causal_decoder_keeps_its_mask_on_the_restored_layout(tiny_gpt2):
     """GPT-2's bias is causal ∧ padding: the packed kernels (padding only) cannot take it, so
-    attention runs on the restored layout even for the GPU; the MLPs still skip padding."""
+    the gpu default leaves the decoder alone; asked for, attention runs on the restored layout
+    and the MLPs skip padding."""
     model, feeds = tiny_gpt2
     fused = optimized(model, passes=["fuse-norms", "fuse-attention"]).model
-    tx_pass = RemovePadding(PassContext("gpu", "cuda", feeds))
+    default = RemovePadding(PassContext("gpu", "cuda", feeds))
+    assert not default(ir.serde.deserialize_model(fused)).modified
+    assert "no attention site fits the packed kernels" in default.details["note"]
+    tx_pass = RemovePadding(PassContext("gpu", "cuda", feeds, {"remove_padding": True}))
     working = ir.serde.deserialize_model(fused)
     tx_pass(working)
     assert tx_pass.rule_counts["attention-on-restored-layout"] >= 1
