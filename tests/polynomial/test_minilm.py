@@ -59,3 +59,6 @@ def test_minilm_sentence_embeddings_keep_cosine(tmp_path):
     sites = next(p for p in outcome.report["passes"] if p["name"] == "he-polynomial")["details"]["sites"]
     # layer 0's attention scores span ~100 units: only normalize-and-square softmax covers them
     assert max(site.get("squarings") or 0 for site in sites) >= 2
+    # LayerNorm depth (target ≤ 10; the two widest variance ranges, 2–3 decades, take 11)
+    norms = sorted(site["depth"] for site in sites if site["rule"] == "layernorm-newton-isqrt")
+    assert len(norms) == 13 and norms[-1] <= 11 and sum(d <= 10 for d in norms) >= 11
