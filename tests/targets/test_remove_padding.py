@@ -332,27 +332,30 @@ def test_whole_gpu_pipeline_packs_attention_and_every_op_has_a_cuda_kernel(tiny_
 
 
 HF = Path(__file__).resolve().parents[1] / "data" / "hf"
-# family → (attention sites on the restored layout on the CPU, sites packed for the GPU)
+# (family, exporter, attention) → (sites on the restored layout on the CPU, sites packed for the GPU)
 FAMILIES = {
-    "roberta": (2, 2),
-    "distilbert": (2, 2),
-    "t5-encoder": (2, 0),  # relative position bias: not padding alone, so not for the packed kernels
-    "bart": (2, 2),  # the encoder; the decoder (its own rows: decoder_seq) and cross-attention stay
+    ("roberta", "auto", None): (2, 2),
+    ("distilbert", "auto", None): (2, 2),
+    ("t5-encoder", "auto", None): (2, 0),  # relative position bias: not for the packed kernels
+    ("bart", "auto", None): (2, 2),  # the encoder; the decoder (its own rows) and cross-attention stay
+    ("bert", "torchscript", "sdpa"): (2, 2),  # fused as MultiHeadAttention: PackedMultiHeadAttention
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_families_on_real_tokens(family):
+@pytest.mark.parametrize("case", sorted(FAMILIES, key=str), ids=lambda c: "-".join(filter(None, c)))
+def test_families_on_real_tokens(case):
     """Encoders (and BART's encoder) skip their padding; outputs match on real tokens, left
     padding included; everything else — decoder rows, cross-attention — matches everywhere."""
     from txcompile.exporters import export_onnx, load_model_spec
 
-    model = export_onnx(load_model_spec(str(HF / family)), dims={"batch": 2, "seq": 16}).model
+    family, exporter, attention = case
+    spec = load_model_spec(str(HF / family), attn_implementation=attention)
+    model = export_onnx(spec, exporter=exporter, dims={"batch": 2, "seq": 16}).model
     outcome = optimized(model, remove_padding=True)
     step = record(outcome)
     assert step["status"] == "applied", step["reason"] or step["details"]
-    restored, packed = FAMILIES[family]
+    restored, packed = FAMILIES[case]
     assert step["rule_counts"]["attention-on-restored-layout"] == restored
     feeds = feeds_for(model, 3, 16, MASKS[:3])  # right-padded, left-padded, unpadded
     before, after = (rt.run(rt.create_session(m), feeds) for m in (model, outcome.model))
