@@ -1,10 +1,11 @@
 """remove-padding: per-token work on real tokens only; packed attention for the GPU.
 
-The CPU form runs here end to end in ORT. The GPU form (PackedAttention) has only CUDA kernels,
-so it is checked three ways here: every emitted op has a CUDA kernel at its dtype (fp32 and
-after fp16), and the graph is evaluated with ONNX's reference evaluator, PackedAttention being
-the numpy reading of ORT's documented contract (token_offset scatters the packed tokens into a
-right-padded [B, S] layout, cumulative_sequence_length gives each row's length).
+The CPU form runs here end to end in ORT. The GPU form (PackedAttention, PackedMultiHeadAttention)
+has only CUDA kernels, so here it is checked two ways: every emitted op has a CUDA kernel at its
+dtype (fp32, and fp16 after the precision pass), and the graph is evaluated with ONNX's
+reference evaluator, the packed ops being the numpy reading of ORT's documented contract
+(token_offset scatters the packed tokens into a right-padded [B, S] layout,
+cumulative_sequence_length gives each row's length).
 """
 
 from __future__ import annotations
