@@ -55,6 +55,7 @@ ATTENTION = {
     f"{MS}.Attention": ((0,), (3, 4, 6), 5, "PackedAttention"),
     f"{MS}.MultiHeadAttention": ((0, 1, 2), (4, 6, 7, 8, 9), 5, "PackedMultiHeadAttention"),
 }
+USABLE = ("pure", "blocked")  # attention verdicts that let a site run on real tokens
 PACKED_ATTRIBUTES = {
     "PackedAttention": ("num_heads", "qkv_hidden_sizes", "scale"),
     "PackedMultiHeadAttention": ("num_heads", "scale", "mask_filter_value"),
@@ -99,9 +100,7 @@ class RemovePadding(TxPass):
         self.foreign = _other_rows(graph, mask)
         self.verdicts = {n: self._attention_verdict(n, keep) for n in attention}
         plan = _Plan(self)
-        plan.walk(
-            graph, self._seeds([n for n, verdict in self.verdicts.items() if verdict in ("pure", "blocked")])
-        )
+        plan.walk(graph, self._seeds([n for n, verdict in self.verdicts.items() if verdict in USABLE]))
         if not any(op_key(n) in ("MatMul", "Gemm") for n in plan.region):
             self.details["note"] = "no per-token matrix product would run on real tokens only"
             return
@@ -127,7 +126,7 @@ class RemovePadding(TxPass):
         if node in plan.restored_attention:
             return "restored layout"
         verdict = self.verdicts[node]
-        return "its inputs are not on real tokens" if verdict in ("pure", "blocked") else verdict
+        return "its inputs are not on real tokens" if verdict in USABLE else verdict
 
     def _attention_verdict(self, node: ir.Node, keep: np.ndarray) -> str:
         """ "pure" (bias is exactly the key padding), "blocked" (padded keys blocked, more added),
@@ -163,20 +162,17 @@ class RemovePadding(TxPass):
 
     def _rows_of(self, value: ir.Value | None) -> tuple[int, ...] | None:
         """The per-token tail shape when ``value`` is [B, S, ...] over the mask's rows."""
-        if value is None or value.name not in self.values or value in self.foreign:
-            return None
-        shape = np.shape(self.values[value.name])
-        return tuple(shape[2:]) if len(shape) >= 3 and tuple(shape[:2]) == self.rows else None
+        found = self.layout(value)
+        return found[0] if found is not None and not found[1] else None
 
     def layout(self, value: ir.Value | None) -> tuple[tuple[int, ...], bool] | None:
-        """(per-token tail shape, flat) when ``value`` holds one row per token: [B, S, ...], or
-        [B·S, ...] as exporters flatten it around Gemm (flat)."""
-        tail = self._rows_of(value)
-        if tail is not None:
-            return tail, False
+        """(per-token tail shape, flat) when ``value`` holds one row per token of the mask's rows:
+        [B, S, ...], or [B·S, ...] as exporters flatten it around Gemm (flat)."""
         if value is None or value.name not in self.values or value in self.foreign:
             return None
         shape = np.shape(self.values[value.name])
+        if len(shape) >= 3 and tuple(shape[:2]) == self.rows:
+            return tuple(shape[2:]), False
         return (tuple(shape[1:]), True) if len(shape) >= 2 and shape[0] == np.prod(self.rows) else None
 
     def token_wise(self, node: ir.Node, packed) -> bool:
@@ -252,10 +248,6 @@ class _Plan:
         self.restored_attention: set[ir.Node] = set()  # run on the restored layout
         self.boundary_users: set[ir.Node] = set()
 
-    @property
-    def packed(self):
-        return self.layouts.keys()
-
     def walk(self, graph: ir.Graph, seeds: set[ir.Value]) -> None:
         for value in graph.inputs:
             if value in seeds:
@@ -276,12 +268,10 @@ class _Plan:
         data = [node.inputs[i] for i in ATTENTION[key][0]] if verdict else _data_inputs(node)
         if any(v in self.layouts for v in data):  # the rest per token too? gather them as well
             missing = [v for v in data if v not in self.layouts and owner.layout(v) is not None]
-            if missing and (
-                verdict in ("pure", "blocked") or owner.token_wise(node, {*self.packed, *missing})
-            ):
+            if missing and (verdict in USABLE or owner.token_wise(node, {*self.layouts, *missing})):
                 for value in missing:
                     self._seed(value)
-        if verdict in ("pure", "blocked") and all(v in self.layouts for v in data):
+        if verdict in USABLE and all(v in self.layouts for v in data):
             self.region.append(node)
             if verdict == "pure" and owner.context.target == "gpu":
                 self.packed_attention.add(node)
@@ -289,7 +279,7 @@ class _Plan:
             else:  # runs on the restored layout; its output is packed again
                 self.restored_attention.add(node)
                 self._seed(node.outputs[0])
-        elif owner.token_wise(node, set(self.packed)):
+        elif owner.token_wise(node, self.layouts):
             self.region.append(node)
             kept = NORMS[key][0] if key in NORMS else range(len(node.outputs))
             for i in kept:
@@ -307,6 +297,7 @@ class _Rewriter:
         self.nodes: list[ir.Node] = []
         self._consts = 0
         self._lengths: tuple[ir.Value, ir.Value] | None = None
+        self.mask_shape = self.op("Shape", [mask])
         self.index, self.inverse = self._token_index()
 
     def op(self, op_type: str, inputs, attributes=None, domain: str = "") -> ir.Value:
@@ -327,9 +318,11 @@ class _Rewriter:
         keep = self.op("Cast", [flat], {"to": ir.DataType.BOOL})
         index = self.op("Squeeze", [self.op("NonZero", [keep]), self.const(np.array([0]))])
         count = self.op("Shape", [index])
-        ones = self.op("Cast", [keep], {"to": ir.DataType.INT64})
-        row = self.op("Sub", [self.op("CumSum", [ones, self.const(np.array(0))]), self.const(np.array(1))])
-        inverse = self.op("Reshape", [self.op("Where", [keep, row, count]), self.op("Shape", [self.mask])])
+        self.ones = self.op("Cast", [keep], {"to": ir.DataType.INT64})  # [B·S], 1 per real token
+        row = self.op(
+            "Sub", [self.op("CumSum", [self.ones, self.const(np.array(0))]), self.const(np.array(1))]
+        )
+        inverse = self.op("Reshape", [self.op("Where", [keep, row, count]), self.mask_shape])
         return index, inverse
 
     def lengths(self) -> tuple[ir.Value, ir.Value]:
@@ -337,8 +330,8 @@ class _Rewriter:
         the k-th real token of row b goes to b·S + k, as if every row were right-padded. Positions
         are already in the hidden states, so attention does not care which side was padded."""
         if self._lengths is None:
-            int32, int64 = ir.DataType.INT32, ir.DataType.INT64
-            real = self.op("Cast", [self.op("Cast", [self.mask], {"to": ir.DataType.BOOL})], {"to": int64})
+            int32 = ir.DataType.INT32
+            real = self.op("Reshape", [self.ones, self.mask_shape])
             counts = self.op("ReduceSum", [real, self.const(np.array([1]))], {"keepdims": 0})
             seq = self.op("Squeeze", [self.op("Shape", [self.mask], {"start": 1, "end": 2})])
             positions = self.op("Range", [self.const(np.array(0)), seq, self.const(np.array(1))])
@@ -350,9 +343,7 @@ class _Rewriter:
                 [self.op("NonZero", [flat]), self.op("NonZero", [self.op("Not", [flat])])],
                 {"axis": 1},
             )
-            offsets = self.op(
-                "Reshape", [self.op("Cast", [order], {"to": int32}), self.op("Shape", [self.mask])]
-            )
+            offsets = self.op("Reshape", [self.op("Cast", [order], {"to": int32}), self.mask_shape])
             ends = self.op("CumSum", [self.op("Cast", [counts], {"to": int32}), self.const(np.array(0))])
             starts = self.op("Concat", [self.const(np.array([0], np.int32)), ends], {"axis": 0})
             self._lengths = (offsets, starts)
@@ -439,7 +430,7 @@ class _Rewriter:
     def _padded_shape(self, node: ir.Node, layout: tuple[tuple[int, ...], bool]) -> None:
         """Shape of a packed value's padded layout, from the mask's shape: nothing restored."""
         tail, flat = layout
-        rows = self.op("Shape", [self.mask])
+        rows = self.mask_shape
         if flat:
             rows = self.op("ReduceProd", [rows], {"keepdims": 1})
         shape = self.op("Concat", [rows, self.const(np.array(tail, np.int64))], {"axis": 0})
