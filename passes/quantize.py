@@ -1,11 +1,13 @@
-"""Quantize: int8 MatMul/Gemm weights for the CPU (dynamic), or int4 weight-only (MatMulNBits).
+"""Quantize: int8 MatMul/Gemm products for the CPU (per token), or int4 weight-only (MatMulNBits).
 
 On a few CPU cores the matrix products dominate a transformer, and ORT's integer kernels run
-them about twice as fast in int8. onnxruntime.quantization does the rewriting; this pass adds
-what a compiler owes: it measures the error against the fp32 graph on the verification
-inputs and, when ``--min-cosine`` asks for it, leaves the most sensitive MatMuls in fp32.
-Sensitivity is measured, not guessed: each MatMul's product is recomputed from its recorded
-input activation with int8-rounded operands, and the worst ones are kept fp32 first.
+them two to three times as fast in int8. The int8 form is txcompile's own (int8_matmul.py):
+activations scaled per token, not per tensor as ``onnxruntime.quantization.quantize_dynamic``
+does, after moving channel outliers into the weights. The pass measures the error against the
+fp32 graph on the verification inputs and, when ``--min-cosine`` asks for it, leaves the most
+sensitive products in fp32. Sensitivity is measured, not guessed: each product is recomputed
+from its recorded input activation with the int8 rounding, and the worst ones stay fp32 first.
+int4 is onnxruntime's MatMulNBitsQuantizer.
 
 Approximate: reports the cosine and the largest difference against fp32.
 """
@@ -14,30 +16,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from txcompile.errors import TxError
+from txcompile.passes import int8_matmul
 from txcompile.passes.base import TxPass
 from txcompile.passes.precision import requested_precision
+from txcompile.passes.sparsity.calibration import calibration_feeds
+from txcompile.passes.sparsity.linears import Linear, find_linears
 from txcompile.runtime import session as rt
 
-# Not com.microsoft.Attention: its QAttention form took all-MiniLM-L6-v2's worst sentence
-# embedding to cosine 0.45 against fp32 (0.98 with the same projections as int8 MatMuls).
-QUANTIZED_OPS = ["MatMul", "Gemm"]
-# One scale per output column, which onnxruntime stores as 7-bit weights (no u8s8 saturation
-# on CPUs without VNNI): MiniLM's worst-sentence cosine goes from 0.86 to 0.98.
-PER_CHANNEL = True
 INT4_BLOCK = 32
+MIN_OPSET = 15  # Shape with start/end
 
 
 class Quantize(TxPass):
     name = "quantize"
-    summary = "dynamic int8 MatMul/Gemm weights (or int4 weight-only); sensitive layers fp32 on request"
+    summary = (
+        "int8 MatMul/Gemm, per-token scales where they pay (or int4 weight-only); "
+        "sensitive ones fp32 on request"
+    )
     exact = False
 
     def __init__(self, context=None) -> None:
@@ -46,24 +48,43 @@ class Quantize(TxPass):
         self.min_cosine = self.context.options.get("min_cosine")
         if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
             raise TxError(f"--min-cosine {self.min_cosine}: must be in (0, 1]")
+        self.activations = self.context.options.get("int8_activations") or "auto"
+        if self.activations not in int8_matmul.ACTIVATION_MODES:
+            modes = ", ".join(int8_matmul.ACTIVATION_MODES)
+            raise TxError(f"--int8-activations {self.activations}: choose one of {modes}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.precision not in ("int8", "int4"):
             self.details = {"precision": self.precision, "note": "nothing to do at this precision"}
             return ir.passes.PassResult(model, False)
-        original = own_weights(ir.serde.serialize_model(model))
+        opset = _default_opset(model)
+        if self.precision == "int8" and opset < MIN_OPSET:
+            self.details = {"precision": self.precision, "note": f"opset {opset} < {MIN_OPSET}: left fp32"}
+            return ir.passes.PassResult(model, False)
+        original = ir.serde.serialize_model(model)
         candidates = quantizable_matmuls(original)
         if not candidates:
             self.details = {"precision": self.precision, "note": "no MatMul/Gemm with a constant weight"}
             return ir.passes.PassResult(model, False)
         feeds = self.context.feeds
         reference = rt.run(rt.create_session(original), feeds) if feeds else None
+        if self.precision == "int8":
+            calib = self.context.options.get("calib")
+            calib_feeds = calibration_feeds(original, calib, feeds)[0] if calib else feeds
+            plan = Int8Plan(original, candidates, calib_feeds, mode=self.activations)
+            build = plan.build
+        else:
+            plan = None
+
+            def build(exclude):
+                return quantize_int4(own_weights(_copy(original)), exclude, self.context.device)
+
         excluded: list[str] = []
         ranking: list[tuple[str, float]] = []
-        quantized, score = self._quantize(original, excluded, reference)
+        quantized, score = self._try(build, excluded, reference)
         if self.min_cosine is not None and reference is not None and score["cosine"] < self.min_cosine:
-            ranking = sensitivity(original, candidates, feeds)
-            excluded, quantized, score = self._fewest_fp32(original, ranking, reference)
+            ranking = plan.sensitivity() if plan else int4_sensitivity(original, candidates, feeds)
+            excluded, quantized, score = self._fewest_fp32(build, ranking, reference)
         if len(candidates) > len(excluded):
             self.rule_counts[f"{self.precision}-matmul"] = len(candidates) - len(excluded)
         if excluded:
@@ -75,20 +96,23 @@ class Quantize(TxPass):
             "min_cosine": self.min_cosine,
             **score,
             "most_sensitive": [{"node": n, "relative_error": e} for n, e in ranking[:10]],
+            **(plan.describe() if plan else {}),
         }
         if self.min_cosine is not None and score.get("cosine", 1.0) < self.min_cosine:
             self.details["note"] = "cosine stays below --min-cosine even with every MatMul in fp32"
         _replace_graph(model, quantized)
+        if plan is not None and len(candidates) > len(excluded):
+            model.metadata_props[int8_matmul.WEIGHT_BITS_KEY] = str(plan.bits)  # read by run / bench
         return ir.passes.PassResult(model, True)
 
-    def _fewest_fp32(self, original: onnx.ModelProto, ranking: list[tuple[str, float]], reference):
+    def _fewest_fp32(self, build, ranking: list[tuple[str, float]], reference):
         """Keep the k most sensitive MatMuls fp32, for the smallest k that reaches --min-cosine:
         k doubles until it does, then a bisection between the last two tries."""
         tried: dict[int, tuple[onnx.ModelProto, dict]] = {}
 
         def meets(count: int) -> bool:
             if count not in tried:
-                tried[count] = self._quantize(original, [n for n, _ in ranking[:count]], reference)
+                tried[count] = self._try(build, [n for n, _ in ranking[:count]], reference)
             return tried[count][1]["cosine"] >= self.min_cosine
 
         low, high = 0, 1  # low fails (k = 0 was the first try)
@@ -101,14 +125,9 @@ class Quantize(TxPass):
         quantized, score = tried[high]
         return [n for n, _ in ranking[:high]], quantized, score
 
-    def _quantize(
-        self, proto: onnx.ModelProto, exclude: list[str], reference
-    ) -> tuple[onnx.ModelProto, dict]:
+    def _try(self, build, exclude: list[str], reference) -> tuple[onnx.ModelProto, dict]:
         with _quiet_logging():
-            if self.precision == "int8":
-                quantized = quantize_int8(proto, exclude)
-            else:
-                quantized = quantize_int4(proto, exclude, self.context.device)
+            quantized = build(exclude)
         score = {}
         if reference is not None:
             outputs = rt.run(rt.create_session(quantized, self.context.device), self.context.feeds)
@@ -119,24 +138,127 @@ class Quantize(TxPass):
         return quantized, score
 
 
-def quantize_int8(proto: onnx.ModelProto, exclude: list[str]) -> onnx.ModelProto:
-    """onnxruntime's dynamic quantization: int8 weights, uint8 activations scaled per call."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+class Int8Plan:
+    """What the int8 rewrite of one graph needs, worked out once for every try of --min-cosine:
+    the products grouped by the activation they read, each group's recorded activation rows
+    and its scheme (per token or per tensor, smoothed or not)."""
 
-    with tempfile.TemporaryDirectory(prefix="txcompile-int8-") as folder:
-        output = Path(folder) / "int8.onnx"
-        quantize_dynamic(
-            proto,
-            output,
-            op_types_to_quantize=QUANTIZED_OPS,
-            weight_type=QuantType.QInt8,
-            per_channel=PER_CHANNEL,
-            nodes_to_exclude=list(exclude),
-            # com.microsoft outputs (EmbedLayerNormalization, ...) get no type from ONNX shape
-            # inference; the graphs this pass sees compute in float32
-            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-        return onnx.load(output)
+    def __init__(
+        self,
+        original: onnx.ModelProto,
+        candidates: list[str],
+        feeds,
+        bits: int | None = None,
+        mode: str = "auto",
+    ) -> None:
+        """``feeds``: the calibration inputs (--calib, else the verification inputs; none:
+        per token, no smoothing, and no ranking for --min-cosine); ``bits``: of the weights, by default what
+        this CPU's int8 kernel takes without saturating; ``mode``: --int8-activations."""
+        self.original, self.candidates = original, set(candidates)
+        self.bits = bits or int8_matmul.weight_bits()
+        self.mode = mode
+        graph = ir.serde.deserialize_model(original).graph
+        self.groups: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for linear in _linears(graph, self.candidates):
+            self.groups.setdefault(linear.node.inputs[0].name, []).append((_key(linear), linear.matrix()))
+        recorded = record_values(original, list(self.groups), feeds) if feeds else {}
+        self.rows = {name: int8_matmul.calibration_rows([v]) for name, v in recorded.items()}
+        self.schemes = {
+            name: int8_matmul.choose_scheme(self.rows.get(name), [w for _, w in members], self.bits, mode)
+            for name, members in self.groups.items()
+        }
+
+    def build(self, exclude: list[str]) -> onnx.ModelProto:
+        model = ir.serde.deserialize_model(self.original)
+        graph, skip = model.graph, set(exclude)
+        emitter_opset = _default_opset(model)
+        by_input: dict[str, list[Linear]] = {}
+        for linear in _linears(graph, self.candidates - skip):
+            by_input.setdefault(linear.node.inputs[0].name, []).append(linear)
+        for index, (name, linears) in enumerate(by_input.items()):
+            tape = ir.tape.Tape()
+            emitter = int8_matmul.Emitter(tape, emitter_opset, f"int8_{index}", self.bits)
+            x = linears[0].node.inputs[0]
+            scheme = self.schemes[name]
+            quantized, row_scale = emitter.quantize(x, linears[0].shape[0], scheme)
+            shared_nodes = list(tape.nodes)
+            _splice(graph, linears[0].node, tape, shared_nodes)
+            for linear in linears:
+                tape = ir.tape.Tape()
+                emitter.tape = tape
+                bias = linear.node.inputs[2] if linear.is_gemm and len(linear.node.inputs) > 2 else None
+                out = emitter.product(x, quantized, row_scale, linear.matrix(), scheme.divisor, bias)
+                _splice(graph, linear.node, tape, list(tape.nodes))
+                _replace(graph, linear, out)
+        if any(not self.schemes[name].per_token for name in by_input):
+            model.opset_imports.setdefault("com.microsoft", 1)  # DynamicQuantizeMatMul
+        return ir.serde.serialize_model(model)
+
+    def sensitivity(self) -> list[tuple[str, float]]:
+        """Products by the relative error of their simulated int8 rounding, worst first."""
+        scores = []
+        for name, members in self.groups.items():
+            for (key, _), error in zip(members, self.schemes[name].errors, strict=True):
+                scores.append((key, 0.0 if np.isnan(error) else error))
+        return sorted(scores, key=lambda item: -item[1])
+
+    def describe(self) -> dict[str, Any]:
+        schemes = list(self.schemes.values())
+        return {
+            "activations": self.mode,
+            "activation_scales": f"per token: int8 ±{int8_matmul.ACTIVATION_LEVELS} as uint8 around 128; "
+            "per tensor: uint8 (DynamicQuantizeMatMul)"
+            + (
+                f"; auto: per token where that cuts the simulated error by {int8_matmul.TOKEN_GAIN:.0%}"
+                if self.mode == "auto"
+                else ""
+            ),
+            "weight_bits": self.bits,
+            "weights": f"int8 per output column (±{2 ** (self.bits - 1) - 1})"
+            + ("" if self.bits == 8 else ": this CPU's int8 kernel would saturate 8-bit weights (no VNNI)"),
+            "inputs": len(schemes),
+            "per_token_inputs": sum(s.per_token for s in schemes),
+            "smoothed_inputs": sum(s.divisor is not None for s in schemes),
+            "smoothing_alpha": int8_matmul.ALPHA,
+        }
+
+
+def _linears(graph: ir.Graph, names: set[str]) -> list[Linear]:
+    return [linear for linear in find_linears(graph) if _key(linear) in names]
+
+
+def _key(linear: Linear) -> str:
+    return linear.node.name or linear.node.outputs[0].name
+
+
+def _splice(graph: ir.Graph, before: ir.Node, tape: ir.tape.Tape, nodes: list[ir.Node]) -> None:
+    for value in tape.initializers:
+        if value.name not in graph.initializers:
+            graph.register_initializer(value)
+    graph.insert_before(before, nodes)
+    for node in nodes:
+        node.metadata_props["txcompile.rule"] = "int8-matmul"
+
+
+def _replace(graph: ir.Graph, linear: Linear, out: ir.Value) -> None:
+    node, old = linear.node, linear.node.outputs[0]
+    out.type, out.shape = old.type, old.shape
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    out.name = name  # the product keeps its name: reports and --compare still find it
+    if not list(linear.weight.uses()) and not linear.weight.is_graph_output():
+        graph.initializers.pop(linear.weight.name, None)
+
+
+def _default_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
 
 
 def quantize_int4(proto: onnx.ModelProto, exclude: list[str], device: str) -> onnx.ModelProto:
@@ -156,21 +278,15 @@ def quantize_int4(proto: onnx.ModelProto, exclude: list[str], device: str) -> on
 
 
 def quantizable_matmuls(proto: onnx.ModelProto) -> list[str]:
-    """Names of MatMul/Gemm nodes whose weight is a 2-D float initializer."""
-    weights = {
-        t.name for t in proto.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
-    }
-    return [
-        n.name
-        for n in proto.graph.node
-        if n.op_type in QUANTIZED_OPS and n.domain == "" and len(n.input) > 1 and n.input[1] in weights
-    ]
+    """MatMul/Gemm nodes (by name, else by output) whose weight is a constant 2-D float32 matrix."""
+    graph = ir.serde.deserialize_model(proto).graph
+    return [_key(linear) for linear in find_linears(graph) if linear.matrix().dtype == np.float32]
 
 
 def own_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Give a MatMul its own copy of a weight that other ops also read (tied embeddings).
 
-    The quantizer would otherwise hand those readers a dequantized int8 copy: a silent
+    The int4 quantizer would otherwise hand those readers a dequantized copy: a silent
     precision loss outside the MatMuls we were asked to quantize.
     """
     matmuls = set(quantizable_matmuls(proto))
@@ -197,50 +313,40 @@ def own_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def sensitivity(proto: onnx.ModelProto, names: list[str], feeds) -> list[tuple[str, float]]:
-    """MatMuls by the relative error of their product with int8-rounded operands, worst first."""
-    nodes = {n.name: n for n in proto.graph.node if n.name in set(names)}
-    weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
+def record_values(proto: onnx.ModelProto, names: list[str], feeds) -> dict[str, np.ndarray]:
+    """The named values of one run of the graph (unoptimized, so every value exists)."""
+    probe = _copy(proto)
     existing = {o.name for o in probe.graph.output}
-    activations = sorted({n.input[0] for n in nodes.values()} - existing)
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in activations)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
     session = rt.create_session(probe, optimize=False)
-    values = dict(
-        zip([o.name for o in session.get_outputs()], session.run(None, _taken(session, feeds)), strict=True)
-    )
+    wanted = {i.name for i in session.get_inputs()}
+    outputs = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    values = dict(zip([o.name for o in session.get_outputs()], outputs, strict=True))
+    return {name: values[name] for name in names}
+
+
+def int4_sensitivity(original: onnx.ModelProto, candidates: list[str], feeds) -> list[tuple[str, float]]:
+    """Products by the relative error of 4-bit block-rounded weights on their recorded inputs."""
+    graph = ir.serde.deserialize_model(original).graph
+    linears = _linears(graph, set(candidates))
+    recorded = record_values(original, sorted({linear.node.inputs[0].name for linear in linears}), feeds)
     scores = []
-    for name, node in nodes.items():
-        x = values[node.input[0]].reshape(-1, values[node.input[0]].shape[-1]).astype(np.float64)
-        w = weights[node.input[1]].astype(np.float64)
-        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-            w = w.T
+    for linear in linears:
+        x = int8_matmul.calibration_rows([recorded[linear.node.inputs[0].name]]).astype(np.float64)
+        w = linear.matrix().astype(np.float64)
         exact = x @ w
-        approx = _fake_uint8(x) @ _fake_int8(w)
-        scores.append((name, float(np.linalg.norm(exact - approx) / max(np.linalg.norm(exact), 1e-12))))
+        error = np.linalg.norm(x @ _fake_int4(w) - exact) / max(np.linalg.norm(exact), 1e-30)
+        scores.append((_key(linear), float(error)))
     return sorted(scores, key=lambda item: -item[1])
 
 
-def _taken(session, feeds):
-    wanted = {i.name for i in session.get_inputs()}
-    return {k: v for k, v in feeds.items() if k in wanted}
-
-
-def _fake_uint8(x: np.ndarray) -> np.ndarray:
-    """Per-tensor asymmetric uint8, as DynamicQuantizeLinear does (range includes 0)."""
-    low, high = min(x.min(), 0.0), max(x.max(), 0.0)
-    scale = (high - low) / 255 or 1.0
-    zero = np.round(-low / scale)
-    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
-
-
-def _fake_int8(w: np.ndarray) -> np.ndarray:
-    """Symmetric weights as quantize_dynamic stores them: 7-bit per output column, or int8."""
-    levels = 63 if PER_CHANNEL else 127
-    peak = np.abs(w).max(axis=0, keepdims=True) if PER_CHANNEL else np.abs(w).max()
-    scale = np.where(peak > 0, peak / levels, 1.0)
-    return np.clip(np.round(w / scale), -levels, levels) * scale
+def _fake_int4(w: np.ndarray) -> np.ndarray:
+    """Symmetric 4-bit blocks of INT4_BLOCK rows per column, as MatMulNBits stores them."""
+    k = w.shape[0]
+    padded = np.pad(w, ((0, -k % INT4_BLOCK), (0, 0))).reshape(-1, INT4_BLOCK, w.shape[1])
+    peak = np.abs(padded).max(axis=1, keepdims=True)
+    scale = np.where(peak > 0, peak / 7, 1.0)
+    return (np.clip(np.rint(padded / scale), -8, 7) * scale).reshape(-1, w.shape[1])[:k]
 
 
 def cosine(

@@ -145,7 +145,8 @@ def _add_sparsity_options(parser: argparse.ArgumentParser) -> None:
         "--prune-score", choices=["magnitude", "activation"], help="block score (default magnitude)"
     )
     parser.add_argument(
-        "--calib", help="calibration inputs (.npz) for --prune-score activation and --target he ranges"
+        "--calib",
+        help="calibration inputs (.npz) for --prune-score activation, int8 smoothing and --target he ranges",
     )
     parser.add_argument("--balanced", action="store_true", help="same number of blocks in every column group")
     parser.add_argument(
@@ -166,6 +167,12 @@ def _add_sparsity_options(parser: argparse.ArgumentParser) -> None:
         "--min-cosine",
         type=float,
         help="int8/int4: keep the most sensitive MatMuls fp32 until outputs match fp32 this well",
+    )
+    parser.add_argument(
+        "--int8-activations",
+        choices=["auto", "token", "tensor"],
+        help="int8: activation scales per token, per tensor, or chosen per input by simulated error "
+        "(default auto); token makes each row's result independent of the rest of the batch",
     )
     parser.add_argument(
         "--low-precision-io", action="store_true", help="fp16/bf16: graph inputs/outputs in half too"

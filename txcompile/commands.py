@@ -12,6 +12,7 @@ from rich.table import Table
 
 from txcompile import compiler, modelio, pipelines, render, report
 from txcompile.errors import TxError, VerificationError
+from txcompile.passes import int8_matmul
 from txcompile.runtime import bench as benchmark
 from txcompile.runtime import inputs as model_inputs
 from txcompile.runtime import session as rt
@@ -172,8 +173,17 @@ def _feeds(args, model) -> dict[str, np.ndarray]:
     return model_inputs.make_feeds(specs, dims)
 
 
+def _warn_int8_weights(model) -> None:
+    """8-bit int8 weights on a CPU whose int8 kernel saturates them (x86 without VNNI)."""
+    bits = {p.key: p.value for p in model.metadata_props}.get(int8_matmul.WEIGHT_BITS_KEY)
+    line = int8_matmul.saturation_warning(int(bits) if bits and bits.isdigit() else None)
+    if line:
+        console.print(f"warning: {line}")
+
+
 def run(args) -> int:
     model = modelio.load_model(args.model)
+    _warn_int8_weights(model)
     feeds = _feeds(args, model)
     if getattr(args, "encrypted", False):
         return _run_encrypted(args, model, feeds)
@@ -236,6 +246,8 @@ def _run_encrypted(args, model, feeds) -> int:
 
 def bench(args) -> int:
     models = [(name, modelio.load_model(name)) for name in args.models]
+    for _, model in models:
+        _warn_int8_weights(model)
     specs = model_inputs.read_specs(models[0][1])
     threads = args.threads or benchmark.default_threads()
     sessions = [(name, rt.create_session(model, args.device, threads=threads)) for name, model in models]

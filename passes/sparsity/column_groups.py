@@ -21,6 +21,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from txcompile.passes import int8_matmul
+
 from . import blocks
 
 
@@ -79,14 +81,13 @@ def best_packing(weight: np.ndarray, widths=(64, 32, 16, 8)) -> ColumnGroups | N
     return min(candidates, key=estimated_cost, default=None)
 
 
-WEIGHT_LEVELS = 63  # 7-bit: MLAS's u8s8 kernel on AVX2 without VNNI sums u8*s8 pairs in int16 and saturates
-
-
-def quantize_columns(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per output column, in [-63, 63]: (int8 [G, bn, c], scale [G, bn, 1] float32)."""
+def quantize_columns(packed: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per output column in ±(2^(bits-1) - 1) — 7 bits where the CPU's int8 kernel
+    would saturate 8 (int8_matmul.weight_bits): (int8 [G, bn, c], scale [G, bn, 1] float32)."""
+    levels = 2 ** (bits - 1) - 1
     peak = np.abs(packed).max(axis=2, keepdims=True)
-    scale = np.where(peak > 0, peak / WEIGHT_LEVELS, 1.0).astype(np.float32)
-    quantized = np.clip(np.rint(packed / scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
+    scale = np.where(peak > 0, peak / levels, 1.0).astype(np.float32)
+    quantized = np.clip(np.rint(packed / scale), -levels, levels).astype(np.int8)
     return quantized, scale
 
 
@@ -132,7 +133,7 @@ def emit(
         picked = tape.op("Gather", [xq, const(groups.rows.reshape(-1), "rows")], {"axis": 0})
         picked = tape.op("Reshape", [picked, const(np.array([g, c, -1], np.int64), "gcm")])
         picked = tape.op("Transpose", [picked], {"perm": [0, 2, 1]})  # [G, M, c]
-        weights, scale = quantize_columns(groups.weights)  # [G, bn, c], [G, bn, 1]
+        weights, scale = quantize_columns(groups.weights, int8_matmul.weight_bits())  # [G, bn, c], [G, bn, 1]
         info["weight_quant_error"] = float(np.abs(weights * scale - groups.weights).max())
         weights_kn = np.ascontiguousarray(weights.transpose(0, 2, 1))  # [G, c, bn]
         acc = tape.op("MatMulInteger", [picked, const(weights_kn, "weights_int8"), x_zero])

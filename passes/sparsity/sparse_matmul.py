@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from txcompile.errors import TxError
+from txcompile.passes import int8_matmul
 from txcompile.passes.base import TxPass
 
 from . import column_groups, structured, timing
@@ -60,6 +61,9 @@ class SparseMatMul(TxPass):
             "measured_at_tokens": TOKENS,
             "precision": "int8" if self.int8 else "fp32",
         }
+        if self.int8 and self.details["rewritten"]:
+            self.details["weight_bits"] = int8_matmul.weight_bits()
+            model.metadata_props[int8_matmul.WEIGHT_BITS_KEY] = str(self.details["weight_bits"])
         return ir.passes.PassResult(model, bool(self.rule_counts))
 
     # -- structured ----------------------------------------------------------------------------

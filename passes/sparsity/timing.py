@@ -1,22 +1,20 @@
 """A quick measurement of one layer, dense against a sparse form, in the same ORT build and run.
 
 Layers of the same shape and packing are measured once (BERT has dozens of identical ones).
-Runs are interleaved and the median ratio is kept, so load on the machine hits both sides.
+Runs alternate in blocks and the ratio of medians is kept, so load on the machine hits both sides.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import onnx_ir as ir
 
+from txcompile.runtime import bench
 from txcompile.runtime import session as rt
 
 from . import column_groups
 
-ROUNDS = 5
+RUNS = 15  # per side, in blocks of 3
 
 
 def layer_model(build, k: int, tokens: int) -> bytes:
@@ -48,28 +46,11 @@ def groups_builder(groups: column_groups.ColumnGroups, int8: bool):
 def speedup(
     dense_model: bytes, sparse_model: bytes, k: int, tokens: int, threads: int | None, device: str = "cpu"
 ) -> float:
-    """Median time of dense / median time of sparse, from interleaved blocks of runs."""
+    """Median time of dense / median time of sparse, from alternating blocks of runs."""
     feeds = {"x": np.random.default_rng(0).standard_normal((tokens, k)).astype(np.float32)}
     sessions = [rt.create_session(_proto(m), device, threads=threads) for m in (dense_model, sparse_model)]
-    dense, sparse = block_medians(sessions, feeds, rounds=ROUNDS, per_block=3)
+    dense, sparse = bench.medians(sessions, feeds, iters=RUNS, per_block=3, warmup=2)
     return dense / max(sparse, 1e-12)
-
-
-def block_medians(sessions, feeds, rounds: int = 7, per_block: int = 5, warmup: int = 2) -> list[float]:
-    """Seconds per run of each session: median over rounds of a block of runs.
-
-    Runs come in blocks, not one by one, so ORT's spinning worker threads of the session that
-    just ran do not steal the cores of the next one; rounds alternate so drift hits all."""
-    samples: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for index, session in enumerate(sessions):
-            for _ in range(warmup):
-                rt.run(session, feeds)
-            start = time.perf_counter()
-            for _ in range(per_block):
-                rt.run(session, feeds)
-            samples[index].append((time.perf_counter() - start) / per_block)
-    return [float(statistics.median(s)) for s in samples]
 
 
 def _proto(data: bytes):

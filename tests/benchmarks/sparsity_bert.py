@@ -21,7 +21,8 @@ from rich.table import Table
 
 from txcompile.pass_manager import APPLIED, PassManager
 from txcompile.passes.base import PassContext
-from txcompile.passes.sparsity import Prune, SparseMatMul, timing
+from txcompile.passes.sparsity import Prune, SparseMatMul
+from txcompile.runtime import bench
 from txcompile.runtime import inputs as model_inputs
 from txcompile.runtime import session as rt
 
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", default="1x128,8x128", help="batch x seq to time, comma-separated")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per side (blocks of 3)")
     args = parser.parse_args()
     console = Console(width=140)
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,8 +90,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         batch, seq = (int(v) for v in shape.split("x"))
         run_feeds = model_inputs.make_feeds(specs, {"batch": batch, "seq": seq})
-        dense_s, sparse_s = timing.block_medians(sessions, run_feeds, rounds=args.rounds, per_block=3)
-        table.add_row(shape, f"{dense_s * 1000:.1f}", f"{sparse_s * 1000:.1f}", f"{dense_s / sparse_s:.2f}x")
+        dense_ms, sparse_ms = bench.medians(sessions, run_feeds, iters=args.runs, per_block=3)
+        table.add_row(shape, f"{dense_ms:.1f}", f"{sparse_ms:.1f}", f"{dense_ms / sparse_ms:.2f}x")
     console.print(table)
     diff = rt.max_abs_diff(*[rt.run(s, feeds) for s in sessions])
     console.print(f"check: max diff sparse vs pruned dense on the verification inputs {diff:.2g}")

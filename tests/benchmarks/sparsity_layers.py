@@ -21,7 +21,8 @@ from rich.table import Table
 
 from txcompile.pass_manager import APPLIED, PassManager
 from txcompile.passes.base import PassContext
-from txcompile.passes.sparsity import Prune, SparseMatMul, timing
+from txcompile.passes.sparsity import Prune, SparseMatMul
+from txcompile.runtime import bench
 from txcompile.runtime import session as rt
 
 FULL = {"shapes": [(768, 3072), (3072, 768)], "tokens": [16, 512]}
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="small shapes: a smoke test")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7, help="timing rounds (blocks of 5 runs)")
+    parser.add_argument("--runs", type=int, default=35, help="timed runs per side (blocks of 5)")
     args = parser.parse_args()
     sizes = SMALL if args.small else FULL
     table = Table(
@@ -116,18 +117,16 @@ def main() -> None:
                     (name, rt.create_session(m, threads=args.threads))
                     for name, m in (("dense", dense), ("sparse", sparse))
                 ]
-                dense_s, sparse_s = timing.block_medians(
-                    [s for _, s in sessions], {"x": x}, rounds=args.rounds
-                )
+                dense_ms, sparse_ms = bench.medians([s for _, s in sessions], {"x": x}, iters=args.runs)
                 label = f"{k}->{n}" + (f"->{k}" if form == "structured" else "")
-                speedup = dense_s / sparse_s
+                speedup = dense_ms / sparse_ms
                 rows.append((form, speedup))
                 table.add_row(
                     label,
                     form,
                     str(tokens),
-                    f"{dense_s * 1000:.3f}",
-                    f"{sparse_s * 1000:.3f}",
+                    f"{dense_ms:.3f}",
+                    f"{sparse_ms:.3f}",
                     f"{speedup:.2f}x",
                     f">= {TARGETS[form]:.0f}x",
                     f"{diff:.2g}",

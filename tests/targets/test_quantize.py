@@ -1,17 +1,21 @@
-"""quantize: dynamic int8 / int4 weight-only MatMuls, with measured error and fp32 fallbacks."""
+"""quantize: per-token int8 / int4 weight-only MatMuls, with measured error and fp32 fallbacks."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from txcompile.cli import main
 from txcompile.errors import TxError
+from txcompile.passes import int8_matmul
 from txcompile.passes.base import PassContext
-from txcompile.passes.quantize import Quantize, cosine, quantizable_matmuls, sensitivity
+from txcompile.passes.quantize import Int8Plan, Quantize, cosine, quantizable_matmuls
 from txcompile.runtime import session as rt
 
 from .graphs import linear_block, make, tensor, weight
@@ -34,17 +38,45 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def test_int8_quantizes_constant_weights_and_reports_error():
-    tx_pass, result, out = quantize(linear_block())
+def int8_products(model: onnx.ModelProto) -> int:
+    """Per-token (MatMulInteger) and per-tensor (DynamicQuantizeMatMul) int8 products."""
+    ops = op_counts(model)
+    return ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0)
+
+
+@pytest.mark.parametrize("mode", ["token", "tensor", "auto"])
+def test_int8_quantizes_constant_weights_and_reports_error(mode):
+    tx_pass, result, out = quantize(linear_block(), int8_activations=mode)
     assert result.modified and tx_pass.rule_counts["int8-matmul"] == 2
     ops = op_counts(out)
-    assert ops["MatMulInteger"] == 2 and "MatMul" not in ops
-    # 16 features, 7-bit per-column weights, a LayerNorm that rescales the error: a loose bound
+    assert int8_products(out) == 2 and "MatMul" not in ops
+    if mode != "auto":
+        per_token = 2 if mode == "token" else 0
+        assert tx_pass.details["per_token_inputs"] == per_token and ops.get("QuantizeLinear", 0) == per_token
+    # 16 features, 8-bit per-column weights, a LayerNorm that rescales the error: a loose bound
     assert tx_pass.details["cosine"] > 0.93 and 0 < tx_pass.details["max_abs_error"] < 1.0
     got = rt.run(rt.create_session(out), FEEDS)
     assert cosine(rt.run(rt.create_session(linear_block()), FEEDS), got) == pytest.approx(
         tx_pass.details["cosine"]
     )
+
+
+def test_auto_scales_per_token_only_where_rows_differ():
+    """Rows alike (wide ones, as hidden states are): per tensor is as good and faster. A few loud
+    tokens: per token."""
+    model = make(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["batch", 256])],
+        [tensor("y", ["batch", 64])],
+        [weight("w", (256, 64), 12)],
+    )
+    rng = np.random.default_rng(8)
+    alike = rng.standard_normal((32, 256)).astype(np.float32)
+    loud = alike.copy()
+    loud[::8] *= 50.0
+    assert not Int8Plan(model, ["mm"], {"x": alike}).schemes["x"].per_token
+    tx_pass, _, out = quantize(model, {"x": loud})
+    assert tx_pass.details["per_token_inputs"] == 1 and op_counts(out)["MatMulInteger"] == 1
 
 
 def test_activation_times_activation_is_left_alone():
@@ -61,7 +93,7 @@ def test_activation_times_activation_is_left_alone():
     assert quantizable_matmuls(model) == ["mm_weight"]
     feeds = {**FEEDS, "xt": FEEDS["x"].T.copy()}
     _, _, out = quantize(model, feeds)
-    assert op_counts(out)["MatMul"] == 1 and op_counts(out)["MatMulInteger"] == 1
+    assert op_counts(out)["MatMul"] == 1 and int8_products(out) == 1
 
 
 def test_weight_shared_with_another_consumer_stays_fp32_for_it():
@@ -80,25 +112,28 @@ def test_weight_shared_with_another_consumer_stays_fp32_for_it():
 
 
 def outlier_model() -> onnx.ModelProto:
-    """Two MatMuls; a bias puts one huge channel into mm2's input, so int8 ruins mm2 only."""
-    rng = np.random.default_rng(0)
-    offset = np.zeros(16, np.float32)
-    offset[3] = 500.0  # per-tensor activation range of mm2 spans 0..500: small channels vanish
-    w2 = (rng.standard_normal((16, 16)) * 0.2).astype(np.float32)
-    w2[3, :] = 0.0  # the outlier channel carries nothing: the small ones matter
+    """Two MatMuls; mm2 reads x plus spikes of 500 in a pair of channels whose weights cancel,
+    a different pair in each row. In fp32 the spikes add nothing; in int8 they set every scale
+    (per token or per tensor) and the small entries vanish, and smoothing cannot help: every
+    channel spikes in some row."""
+    spikes = np.zeros((8, 16), np.float32)
+    for row in range(8):
+        spikes[row, [2 * row, 2 * row + 1]] = 500.0
+    w2 = numpy_helper.to_array(weight("w2", (16, 16), 2)).copy()
+    w2[1::2] = -w2[::2]
     nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-        helper.make_node("Add", ["h", "offset"], ["shifted"], name="offset"),
-        helper.make_node("MatMul", ["shifted", "w2"], ["y"], name="mm2"),
+        helper.make_node("MatMul", ["x", "w1"], ["y1"], name="mm1"),
+        helper.make_node("Add", ["x", "spikes"], ["spiked"], name="spike"),
+        helper.make_node("MatMul", ["spiked", "w2"], ["y2"], name="mm2"),
     ]
     return make(
         nodes,
         [tensor("x", [8, 16])],
-        [tensor("y", [8, 16])],
+        [tensor("y1", [8, 16]), tensor("y2", [8, 16])],
         [
-            weight("w1", (16, 16)),
-            numpy_helper.from_array(offset, "offset"),
+            weight("w1", (16, 16), 1),
             numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(spikes, "spikes"),
         ],
     )
 
@@ -106,12 +141,137 @@ def outlier_model() -> onnx.ModelProto:
 def test_min_cosine_keeps_the_most_sensitive_matmul_fp32():
     plain, _, _ = quantize(outlier_model())
     assert plain.details["cosine"] < 0.99
-    ranking = sensitivity(outlier_model(), ["mm1", "mm2"], FEEDS)
-    assert ranking[0][0] == "mm2"
+    ranking = Int8Plan(outlier_model(), ["mm1", "mm2"], FEEDS).sensitivity()
+    assert ranking[0][0] == "mm2" and ranking[0][1] > 10 * ranking[1][1]
     guarded, _, out = quantize(outlier_model(), min_cosine=0.99)
     assert guarded.details["kept_fp32"] == ["mm2"] and guarded.details["cosine"] >= 0.99
     assert guarded.rule_counts == {"int8-matmul": 1, "kept-fp32": 1}
-    assert op_counts(out)["MatMul"] == 1 and op_counts(out)["MatMulInteger"] == 1
+    assert op_counts(out)["MatMul"] == 1 and int8_products(out) == 1
+
+
+def test_the_graph_computes_the_simulated_rounding():
+    """What the pass ranks by (int8_matmul.simulate) is what ORT runs, per-row scales included."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((8, 16)) * rng.uniform(0.01, 100, (8, 1))).astype(np.float32)
+    model = make(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["batch", 16])],
+        [tensor("y", ["batch", 16])],
+        [weight("w", (16, 16), 5)],
+    )
+    tx_pass, _, out = quantize(model, {"x": x})
+    got = rt.run(rt.create_session(out), {"x": x})["y"]
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    plan = Int8Plan(model, ["mm"], {"x": x})
+    assert plan.schemes["x"].per_token  # rows 0.01x to 100x apart
+    assert tx_pass.details["weight_bits"] == plan.bits
+    expected = int8_matmul.simulate(
+        x, w, plan.schemes["x"].divisor, plan.bits, per_token=plan.schemes["x"].per_token
+    )
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    weights = [numpy_helper.to_array(t) for t in out.graph.initializer if t.data_type == TensorProto.INT8]
+    bits = int8_matmul.weight_bits()
+    assert len(weights) == 1 and np.abs(weights[0].astype(int)).max() == 2 ** (bits - 1) - 1
+    assert {p.key: p.value for p in out.metadata_props}[int8_matmul.WEIGHT_BITS_KEY] == str(bits)
+
+
+def test_weight_bits_follow_what_the_int8_kernel_takes(monkeypatch):
+    """7-bit weights where ORT's kernel adds u8·s8 pairs in int16 (x86 without VNNI), else 8;
+    an 8-bit model run on such a CPU is flagged."""
+    monkeypatch.setattr(int8_matmul, "saturates_at_8_bits", lambda: True)
+    tx_pass, _, out = quantize(linear_block())
+    assert tx_pass.details["weight_bits"] == 7 and "saturate" in tx_pass.details["weights"]
+    peaks = [
+        np.abs(numpy_helper.to_array(t).astype(int)).max()
+        for t in out.graph.initializer
+        if t.data_type == TensorProto.INT8
+    ]
+    assert peaks == [63, 63]
+    assert "saturate" in int8_matmul.saturation_warning(8) and int8_matmul.saturation_warning(7) is None
+    monkeypatch.setattr(int8_matmul, "saturates_at_8_bits", lambda: False)
+    assert (
+        quantize(linear_block())[0].details["weight_bits"] == 8 and int8_matmul.saturation_warning(8) is None
+    )
+
+
+def test_a_token_s_result_does_not_depend_on_the_rest_of_the_batch():
+    """One scale per token: a loud neighbour leaves a row alone. Per-tensor dynamic quantization
+    (onnxruntime's quantize_dynamic) lets it coarsen every row."""
+    rng = np.random.default_rng(5)
+    quiet = rng.standard_normal((4, 16)).astype(np.float32)
+    loud = np.concatenate([quiet, 1000 * rng.standard_normal((4, 16)).astype(np.float32)])
+    _, _, out = quantize(linear_block(), {"x": loud}, int8_activations="token")
+    session = rt.create_session(out)
+    alone, together = rt.run(session, {"x": quiet})["y"], rt.run(session, {"x": loud})["y"][:4]
+    assert np.abs(alone - together).max() <= 1e-6
+
+    from onnxruntime.quantization import quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "dynamic.onnx"
+        quantize_dynamic(linear_block(), path, per_channel=True)
+        ort_int8 = rt.create_session(str(path))
+        per_tensor = rt.run(ort_int8, {"x": quiet})["y"] - rt.run(ort_int8, {"x": loud})["y"][:4]
+    assert np.abs(per_tensor).max() > 0.1
+
+
+def test_channel_outliers_are_smoothed_into_the_weights():
+    """A few input features 100x the rest (trained BERT-family models have them): dividing them
+    out before the per-token scale and into the weights cuts the error; the graph stays exact
+    up to the rounding."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    x[:, [3, 17]] *= 100.0
+    model = make(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["batch", 32])],
+        [tensor("y", ["batch", 32])],
+        [weight("w", (32, 32), 7)],
+    )
+    tx_pass, _, out = quantize(model, {"x": x}, int8_activations="token")
+    assert tx_pass.details["smoothed_inputs"] == 1 and tx_pass.details["smoothing_alpha"] == 0.5
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    exact = x.astype(np.float64) @ w
+    smoothed = rt.run(rt.create_session(out), {"x": x})["y"]
+    unsmoothed = int8_matmul.simulate(x, w)
+    assert np.linalg.norm(smoothed - exact) < 0.5 * np.linalg.norm(unsmoothed - exact)
+
+
+@pytest.mark.parametrize("mode", ["token", "tensor"])
+def test_gemm_with_bias_and_rank3_inputs_sharing_one_quantization(mode):
+    """Gemm(transB, C) keeps its bias; two MatMuls reading one [B, S, K] input share its
+    quantization and get their [B, S, N] shape back; names of the products survive."""
+    nodes = [
+        helper.make_node("Gemm", ["x2", "wt", "c"], ["g"], name="gemm", transB=1),
+        helper.make_node("MatMul", ["x3", "wa"], ["a"], name="mm_a"),
+        helper.make_node("MatMul", ["x3", "wb"], ["b"], name="mm_b"),
+    ]
+    model = make(
+        nodes,
+        [tensor("x2", ["m", 16]), tensor("x3", ["batch", "seq", 16])],
+        [tensor("g", ["m", 8]), tensor("a", ["batch", "seq", 16]), tensor("b", ["batch", "seq", 16])],
+        [
+            weight("wt", (8, 16), 8),
+            weight("c", (8,), 9, 5.0),
+            weight("wa", (16, 16), 10),
+            weight("wb", (16, 16), 11),
+        ],
+    )
+    rng = np.random.default_rng(7)
+    feeds = {
+        "x2": rng.standard_normal((5, 16)).astype(np.float32),
+        "x3": rng.standard_normal((2, 3, 16)).astype(np.float32),
+    }
+    tx_pass, _, out = quantize(model, feeds, int8_activations=mode)
+    assert tx_pass.rule_counts["int8-matmul"] == 3 and tx_pass.details["inputs"] == 2
+    assert op_counts(out).get("QuantizeLinear", 0) == (2 if mode == "token" else 0)
+    assert int8_products(out) == 3 and "Gemm" not in op_counts(out)
+    got = rt.run(rt.create_session(out), feeds)
+    want = rt.run(rt.create_session(model), feeds)
+    assert [o.name for o in out.graph.output] == ["g", "a", "b"]
+    for name in ("g", "a", "b"):
+        assert got[name].shape == want[name].shape
+        assert np.abs(got[name] - want[name]).max() < 0.05 * np.abs(want[name]).max()
 
 
 def test_int4_uses_matmul_nbits():
@@ -135,7 +295,9 @@ def test_cli_int8_end_to_end_and_bad_input(tmp_path, capsys):
     onnx.save(linear_block(), source)
     out = tmp_path / "int8.onnx"
     assert main(["optimize", str(source), "-o", str(out), "--precision", "int8", "--batch", "4"]) == 0
-    assert "MatMulInteger" in {n.op_type for n in onnx.load(out).graph.node}
+    assert int8_products(onnx.load(out)) == 2
     assert "kernel check (CPUExecutionProvider): all" in capsys.readouterr().out
     assert main(["optimize", str(source), "-o", str(out), "--precision", "int8", "--min-cosine", "2"]) == 2
     assert "--min-cosine 2" in capsys.readouterr().err
+    args = ["optimize", str(source), "-o", str(out), "--precision", "int8", "--int8-activations", "token"]
+    assert main(args) == 0 and op_counts(onnx.load(out))["QuantizeLinear"] == 2
