@@ -1,0 +1,59 @@
+"""runtime.bench: sessions take turns in blocks, each block after untimed settling runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from txcompile.runtime import bench
+from txcompile.runtime import session as rt
+
+
+def _identity_session():
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return rt.create_session(onnx.ModelProto.FromString(model.SerializeToString()))
+
+
+class Recording:
+    """A real session that notes, in one shared log, which session ran."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log, self.session = name, log, _identity_session()
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, names, feeds):
+        self.log.append(self.name)
+        return self.session.run(names, feeds)
+
+
+def test_blocks_alternate_with_settling_runs_and_every_session_gets_iters_samples():
+    log: list[str] = []
+    sessions = [Recording("a", log), Recording("b", log)]
+    feeds = {"x": np.ones(2, np.float32)}
+    samples = bench.interleaved_runs(sessions, feeds, iters=7, per_block=3, settle=1, warmup=2)
+    assert [len(s) for s in samples] == [7, 7] and all(t > 0 for s in samples for t in s)
+    # warm-up, then blocks of 1 settling + 3 timed runs (the last block only 1 timed)
+    expected = ["a"] * 2 + ["b"] * 2
+    for timed in (3, 3, 1):
+        expected += ["a"] * (1 + timed) + ["b"] * (1 + timed)
+    assert log == expected
+
+
+def test_bench_reports_speedup_against_the_first_model():
+    sessions = [("a", _identity_session()), ("b", _identity_session())]
+    timings = bench.bench(sessions, {"x": np.ones(2, np.float32)}, {"batch": 1}, iters=5)
+    assert [t.model for t in timings] == ["a", "b"] and timings[0].speedup == 1.0
+    assert all(t.p90_ms >= t.median_ms > 0 for t in timings)
