@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from txcompile.errors import TxError
 from txcompile.passes import int8_matmul
+from txcompile.passes.attention_shapes import probe_values
 from txcompile.passes.base import TxPass
 from txcompile.passes.precision import requested_precision
 from txcompile.passes.sparsity.calibration import calibration_feeds
@@ -157,11 +158,13 @@ class Int8Plan:
         self.original, self.candidates = original, set(candidates)
         self.bits = bits or int8_matmul.weight_bits()
         self.mode = mode
-        graph = ir.serde.deserialize_model(original).graph
+        model = ir.serde.deserialize_model(original)
         self.groups: dict[str, list[tuple[str, np.ndarray]]] = {}
-        for linear in _linears(graph, self.candidates):
-            self.groups.setdefault(linear.node.inputs[0].name, []).append((_key(linear), linear.matrix()))
-        recorded = record_values(original, list(self.groups), feeds) if feeds else {}
+        inputs = []
+        for linear in _linears(model.graph, self.candidates):
+            inputs.append(linear.node.inputs[0])
+            self.groups.setdefault(inputs[-1].name, []).append((_key(linear), linear.matrix()))
+        recorded = probe_values(model, inputs, feeds) if feeds else {}
         self.rows = {name: int8_matmul.calibration_rows([v]) for name, v in recorded.items()}
         self.schemes = {
             name: int8_matmul.choose_scheme(self.rows.get(name), [w for _, w in members], self.bits, mode)
@@ -313,23 +316,11 @@ def own_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def record_values(proto: onnx.ModelProto, names: list[str], feeds) -> dict[str, np.ndarray]:
-    """The named values of one run of the graph (unoptimized, so every value exists)."""
-    probe = _copy(proto)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
-    session = rt.create_session(probe, optimize=False)
-    wanted = {i.name for i in session.get_inputs()}
-    outputs = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
-    values = dict(zip([o.name for o in session.get_outputs()], outputs, strict=True))
-    return {name: values[name] for name in names}
-
-
 def int4_sensitivity(original: onnx.ModelProto, candidates: list[str], feeds) -> list[tuple[str, float]]:
     """Products by the relative error of 4-bit block-rounded weights on their recorded inputs."""
-    graph = ir.serde.deserialize_model(original).graph
-    linears = _linears(graph, set(candidates))
-    recorded = record_values(original, sorted({linear.node.inputs[0].name for linear in linears}), feeds)
+    model = ir.serde.deserialize_model(original)
+    linears = _linears(model.graph, set(candidates))
+    recorded = probe_values(model, [linear.node.inputs[0] for linear in linears], feeds)
     scores = []
     for linear in linears:
         x = int8_matmul.calibration_rows([recorded[linear.node.inputs[0].name]]).astype(np.float64)
