@@ -1,9 +1,10 @@
-"""Quantize: int8 MatMul/Gemm products for the CPU (per token), or int4 weight-only (MatMulNBits).
+"""Quantize: int8 MatMul/Gemm products for the CPU, or int4 weight-only (MatMulNBits).
 
 On a few CPU cores the matrix products dominate a transformer, and ORT's integer kernels run
 them two to three times as fast in int8. The int8 form is txcompile's own (int8_matmul.py):
-activations scaled per token, not per tensor as ``onnxruntime.quantization.quantize_dynamic``
-does, after moving channel outliers into the weights. The pass measures the error against the
+activations scaled per token where the simulated rounding says it pays (per tensor, as
+``onnxruntime.quantization.quantize_dynamic`` does, elsewhere), after moving channel outliers
+into the weights where that pays. The pass measures the error against the
 fp32 graph on the verification inputs and, when ``--min-cosine`` asks for it, leaves the most
 sensitive products in fp32. Sensitivity is measured, not guessed: each product is recomputed
 from its recorded input activation with the int8 rounding, and the worst ones stay fp32 first.
@@ -165,7 +166,7 @@ class Int8Plan:
             inputs.append(linear.node.inputs[0])
             self.groups.setdefault(inputs[-1].name, []).append((_key(linear), linear.matrix()))
         recorded = probe_values(model, inputs, feeds) if feeds else {}
-        self.rows = {name: int8_matmul.calibration_rows([v]) for name, v in recorded.items()}
+        self.rows = {name: int8_matmul.calibration_rows(v) for name, v in recorded.items()}
         self.schemes = {
             name: int8_matmul.choose_scheme(self.rows.get(name), [w for _, w in members], self.bits, mode)
             for name, members in self.groups.items()
@@ -323,7 +324,7 @@ def int4_sensitivity(original: onnx.ModelProto, candidates: list[str], feeds) ->
     recorded = probe_values(model, [linear.node.inputs[0] for linear in linears], feeds)
     scores = []
     for linear in linears:
-        x = int8_matmul.calibration_rows([recorded[linear.node.inputs[0].name]]).astype(np.float64)
+        x = int8_matmul.calibration_rows(recorded[linear.node.inputs[0].name]).astype(np.float64)
         w = linear.matrix().astype(np.float64)
         exact = x @ w
         error = np.linalg.norm(x @ _fake_int4(w) - exact) / max(np.linalg.norm(exact), 1e-30)
