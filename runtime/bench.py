@@ -26,6 +26,10 @@ class Timing:
     median_ms: float
     p90_ms: float
     speedup: float  # median of the first model / this model's median
+    paired_speedup: float  # median over rounds of (first model's block / this model's block)
+    paired_range: tuple[float, float]  # 10th and 90th percentile of those per-round ratios
+    samples: list[float]  # ms per timed run, in blocks of per_block
+    per_block: int
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -75,14 +79,46 @@ def bench(
     *,
     warmup: int = 3,
     iters: int = 20,
+    per_block: int = PER_BLOCK,
 ) -> list[Timing]:
-    """Median and p90 latency of every session on the same feeds (see :func:`interleaved_runs`)."""
-    samples = interleaved_runs([s for _, s in sessions], feeds, iters=iters, warmup=warmup)
+    """Median and p90 latency of every session on the same feeds (see :func:`interleaved_runs`),
+    and its speedup over the first: the ratio of medians, and the median of per-round ratios —
+    each round's blocks ran seconds apart, so the machine's slower drift cancels in them."""
+    samples = interleaved_runs(
+        [s for _, s in sessions], feeds, iters=iters, warmup=warmup, per_block=per_block
+    )
     base = statistics.median(samples[0])
-    return [
-        Timing(name, dict(dims), statistics.median(s), _percentile(s, 90), base / statistics.median(s))
-        for (name, _), s in zip(sessions, samples, strict=True)
-    ]
+    timings = []
+    for (name, _), s in zip(sessions, samples, strict=True):
+        middle, low, high = _paired(samples[0], s, per_block)
+        timings.append(
+            Timing(
+                name,
+                dict(dims),
+                statistics.median(s),
+                _percentile(s, 90),
+                base / statistics.median(s),
+                middle,
+                (low, high),
+                s,
+                per_block,
+            )
+        )
+    return timings
+
+
+def paired_speedup(base: Timing, other: Timing) -> tuple[float, float, float]:
+    """How much faster ``other`` ran than ``base`` in the same bench: the median, 10th and 90th
+    percentile over rounds of the ratio of their block medians."""
+    return _paired(base.samples, other.samples, base.per_block)
+
+
+def _paired(base: list[float], other: list[float], per_block: int) -> tuple[float, float, float]:
+    def blocks(samples):
+        return [statistics.median(samples[i : i + per_block]) for i in range(0, len(samples), per_block)]
+
+    ratios = [a / b for a, b in zip(blocks(base), blocks(other), strict=True)]
+    return statistics.median(ratios), _percentile(ratios, 10), _percentile(ratios, 90)
 
 
 def default_threads() -> int:

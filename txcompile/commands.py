@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -252,7 +253,7 @@ def bench(args) -> int:
     threads = args.threads or benchmark.default_threads()
     sessions = [(name, rt.create_session(model, args.device, threads=threads)) for name, model in models]
     table = Table(title=f"latency, {threads} threads, {args.device}", show_edge=False)
-    for column in ("batch", "seq", "model", "median ms", "p90 ms", "speedup"):
+    for column in ("batch", "seq", "model", "median ms", "p90 ms", "speedup", "per-round range"):
         table.add_column(column, justify="left" if column == "model" else "right")
     timings = []
     for batch in args.batch:
@@ -267,11 +268,12 @@ def bench(args) -> int:
                     timing.model,
                     f"{timing.median_ms:.2f}",
                     f"{timing.p90_ms:.2f}",
-                    f"{timing.speedup:.2f}×",
+                    f"{timing.paired_speedup:.2f}×",
+                    "{:.2f}–{:.2f}×".format(*timing.paired_range),
                 )
     console.print(table)
     if args.json:
-        rows = [t.__dict__ for t in timings]
+        rows = [dataclasses.asdict(t) for t in timings]
         modelio.write_text(
             args.json, json.dumps({"threads": threads, "device": args.device, "timings": rows}, indent=2)
         )

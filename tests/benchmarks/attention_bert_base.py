@@ -1,8 +1,10 @@
 """BERT-base latency on ORT CPU: the plain export vs onnxscript's ORT fusions vs txcompile, one run.
 
 A random-weight BERT-base (Hugging Face config: 768 wide, 12 layers, 12 heads) is exported
-once; the three graphs are timed interleaved on the same padded inputs with the same session
-options, so the speedups (vs the plain export) are comparable even on a noisy machine.
+once; the graphs are timed on the same padded inputs with the same session options, in
+alternating blocks of runs (runtime/bench.py). Speedups are medians of per-round ratios — each
+round's blocks ran seconds apart, so the machine's drift cancels — with their 10th–90th
+percentile range, so "faster" and "within noise" can be told apart.
 
     .venv/bin/python tests/benchmarks/attention_bert_base.py                 # full size
     .venv/bin/python tests/benchmarks/attention_bert_base.py --smoke         # tiny, seconds
@@ -12,6 +14,7 @@ options, so the speedups (vs the plain export) are comparable even on a noisy ma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--seq", default="128,512")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--per-block", type=int, default=2, help="timed runs per block (after one untimed)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--remove-padding", action="store_true", help="also time txcompile --remove-padding")
     parser.add_argument("--json", help="also write the timings here")
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     sessions = [(name, rt.create_session(model, threads=args.threads)) for name, model, _ in candidates]
     specs = model_inputs.read_specs(plain)
     table = Table(title=f"BERT ({args.exporter}), ORT CPU, {args.threads} threads", show_edge=False)
-    for column in ("batch", "seq", "graph", "median ms", "p90 ms", "vs plain"):
+    columns = ("batch", "seq", "graph", "median ms", "p90 ms", "vs plain", "vs onnxscript (per-round range)")
+    for column in columns:
         table.add_column(column, justify="left" if column == "graph" else "right")
     rows = []
     for batch in batches:
@@ -121,16 +126,25 @@ def main(argv: list[str] | None = None) -> int:
                 diff = rt.max_abs_diff(reference, rt.run(session, feeds), rt.padded_rows(model, feeds))
                 if not diff <= 1e-3:
                     console.print(f"warning: {name} differs from the plain export by {diff:.3g} at {dims}")
-            timings = benchmark.bench(sessions, feeds, dims, warmup=args.warmup, iters=args.iters)
+            timings = benchmark.bench(
+                sessions, feeds, dims, warmup=args.warmup, iters=args.iters, per_block=args.per_block
+            )
+            theirs = next((t for t in timings if t.model.startswith("onnxscript")), None)
             for timing in timings:
-                rows.append(timing.__dict__)
+                rows.append(dataclasses.asdict(timing))
+                versus = ""
+                if theirs is not None and timing.model.startswith("txcompile"):
+                    middle, low, high = benchmark.paired_speedup(theirs, timing)
+                    versus = f"{middle:.3f}× ({low:.2f}–{high:.2f})"
+                    rows[-1]["vs_onnxscript"] = [middle, low, high]
                 table.add_row(
                     str(batch),
                     str(seq),
                     timing.model,
                     f"{timing.median_ms:.2f}",
                     f"{timing.p90_ms:.2f}",
-                    f"{timing.speedup:.2f}×",
+                    f"{timing.paired_speedup:.2f}×",
+                    versus,
                 )
     console.print(table)
     if args.json:

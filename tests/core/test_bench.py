@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from txcompile.runtime import bench
@@ -54,6 +55,17 @@ def test_blocks_alternate_with_settling_runs_and_every_session_gets_iters_sample
 
 def test_bench_reports_speedup_against_the_first_model():
     sessions = [("a", _identity_session()), ("b", _identity_session())]
-    timings = bench.bench(sessions, {"x": np.ones(2, np.float32)}, {"batch": 1}, iters=5)
+    timings = bench.bench(sessions, {"x": np.ones(2, np.float32)}, {"batch": 1}, iters=6, per_block=2)
     assert [t.model for t in timings] == ["a", "b"] and timings[0].speedup == 1.0
-    assert all(t.p90_ms >= t.median_ms > 0 for t in timings)
+    assert timings[0].paired_speedup == 1.0 and timings[0].paired_range == (1.0, 1.0)
+    assert all(t.p90_ms >= t.median_ms > 0 and len(t.samples) == 6 for t in timings)
+
+
+def test_paired_speedup_is_the_median_of_per_round_block_ratios():
+    def timing(samples):
+        return bench.Timing("m", {}, 0.0, 0.0, 1.0, 1.0, (1.0, 1.0), samples, 2)
+
+    # three rounds of two runs: base blocks 10, 20, 40 ms; other 5, 10, 40 → ratios 2, 2, 1
+    base, other = timing([10, 10, 20, 20, 40, 40]), timing([5, 5, 10, 10, 40, 40])
+    middle, low, high = bench.paired_speedup(base, other)
+    assert middle == 2.0 and low == pytest.approx(1.2) and high == 2.0
