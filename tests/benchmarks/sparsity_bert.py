@@ -7,7 +7,8 @@
 The model is built from a config with random weights (no hub) and exported by txcompile. The
 baseline is that export pruned the same way but left dense (what ORT does with a pruned model);
 the candidate is the same pruned model after sparse-matmul. Both run in ORT with all graph
-optimizations, timed in interleaved blocks in one process; the speedup is their ratio.
+optimizations, timed in alternating blocks in one process; the speedup is the median of
+per-round ratios (runtime/bench.py), with its 10th-90th percentile range.
 """
 
 from __future__ import annotations
@@ -84,16 +85,25 @@ def main() -> None:
         if layer["pattern"] == "dense":
             console.print(f"  dense: {layer['layer']} {layer.get('reason', '')}")
     table = Table(title=f"BERT end to end, {args.threads} threads, ORT CPU, {args.precision}")
-    for column in ("batch x seq", "dense pruned ms", "sparse-matmul ms", "speedup"):
+    for column in ("batch x seq", "dense pruned ms", "sparse-matmul ms", "speedup (per-round range)"):
         table.add_column(column, justify="right")
-    sessions = [rt.create_session(m, threads=args.threads) for m in (pruned.model, rewritten.model)]
+    sessions = [
+        (name, rt.create_session(m, threads=args.threads))
+        for name, m in (("dense", pruned.model), ("sparse", rewritten.model))
+    ]
     for shape in args.shapes.split(","):
         batch, seq = (int(v) for v in shape.split("x"))
-        run_feeds = model_inputs.make_feeds(specs, {"batch": batch, "seq": seq})
-        dense_ms, sparse_ms = bench.medians(sessions, run_feeds, iters=args.runs, per_block=3)
-        table.add_row(shape, f"{dense_ms:.1f}", f"{sparse_ms:.1f}", f"{dense_ms / sparse_ms:.2f}x")
+        dims = {"batch": batch, "seq": seq}
+        run_feeds = model_inputs.make_feeds(specs, dims)
+        dense, sparse = bench.bench(sessions, run_feeds, dims, iters=args.runs, per_block=3)
+        table.add_row(
+            shape,
+            f"{dense.median_ms:.1f}",
+            f"{sparse.median_ms:.1f}",
+            "{:.2f}x ({:.2f}-{:.2f})".format(sparse.paired_speedup, *sparse.paired_range),
+        )
     console.print(table)
-    diff = rt.max_abs_diff(*[rt.run(s, feeds) for s in sessions])
+    diff = rt.max_abs_diff(*[rt.run(s, feeds) for _, s in sessions])
     console.print(f"check: max diff sparse vs pruned dense on the verification inputs {diff:.2g}")
     if args.precision == "fp32" and not diff <= 1e-3:
         raise SystemExit("the rewritten model does not match the pruned dense one")

@@ -6,7 +6,8 @@
 Each row builds the layer (or FFN pair, for structured pruning) as an ONNX model, prunes it with
 the ``prune`` pass, rewrites it with ``sparse-matmul`` (decision "always", so the table shows
 the formulation even where it loses), checks the rewrite against the pruned dense graph, and
-times dense and rewritten interleaved in one process. Speedups are ratios from the same run.
+times dense and rewritten in alternating blocks in one process (runtime/bench.py). Speedups are
+medians of per-round ratios from the same run, with their 10th-90th percentile range.
 """
 
 from __future__ import annotations
@@ -93,13 +94,14 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="small shapes: a smoke test")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=35, help="timed runs per side (blocks of 5)")
+    parser.add_argument("--runs", type=int, default=60, help="timed runs per side")
+    parser.add_argument("--per-block", type=int, default=3, help="timed runs per block (after one untimed)")
     args = parser.parse_args()
     sizes = SMALL if args.small else FULL
     table = Table(
         title=f"sparse-matmul per layer, {args.sparsity:.0%} sparse, {args.threads} threads, ORT CPU"
     )
-    for column in ("layer", "form", "M", "dense ms", "sparse ms", "speedup", "target", "max diff"):
+    for column in ("layer", "form", "M", "dense ms", "sparse ms", "speedup", "range", "target", "max diff"):
         table.add_column(column, justify="left" if column in ("layer", "form") else "right")
     rows = []
     for k, n in sizes["shapes"]:
@@ -117,22 +119,27 @@ def main() -> None:
                     (name, rt.create_session(m, threads=args.threads))
                     for name, m in (("dense", dense), ("sparse", sparse))
                 ]
-                dense_ms, sparse_ms = bench.medians([s for _, s in sessions], {"x": x}, iters=args.runs)
+                dense_t, sparse_t = bench.bench(
+                    sessions, {"x": x}, {"tokens": tokens}, iters=args.runs, per_block=args.per_block
+                )
                 label = f"{k}->{n}" + (f"->{k}" if form == "structured" else "")
-                speedup = dense_ms / sparse_ms
-                rows.append((form, speedup))
+                rows.append((form, sparse_t.paired_speedup))
                 table.add_row(
                     label,
                     form,
                     str(tokens),
-                    f"{dense_ms:.3f}",
-                    f"{sparse_ms:.3f}",
-                    f"{speedup:.2f}x",
+                    f"{dense_t.median_ms:.3f}",
+                    f"{sparse_t.median_ms:.3f}",
+                    f"{sparse_t.paired_speedup:.2f}x",
+                    "{:.2f}-{:.2f}".format(*sparse_t.paired_range),
                     f">= {TARGETS[form]:.0f}x",
                     f"{diff:.2g}",
                 )
     Console(width=140).print(table)
-    print("dense: the pruned weights run as a plain MatMul; max diff: rewritten vs pruned dense graph")
+    print(
+        "dense: the pruned weights run as a plain MatMul; speedup: median over rounds of dense / sparse"
+        " block medians, range: its 10th-90th percentile; max diff: rewritten vs pruned dense graph"
+    )
 
 
 if __name__ == "__main__":
