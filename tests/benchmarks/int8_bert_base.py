@@ -3,7 +3,8 @@
     .venv/bin/python tests/benchmarks/int8_bert_base.py             # BERT-base, random weights
     .venv/bin/python tests/benchmarks/int8_bert_base.py --small     # tests/data/hf/bert, a smoke test
 
-Three graphs of one export, timed in one process on the same inputs, runs interleaved:
+Three graphs of one export, timed in one process on the same inputs, in alternating blocks of
+runs (speedups: medians of per-round ratios, with their 10th–90th percentile range):
 
 - plain: the export as ORT gets it (ORT's own graph optimizations on, as always);
 - baseline: onnxscript's ``optimize_for_ort`` fusions, then ``quantize_dynamic`` (per-channel weights);
@@ -88,7 +89,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--per-block", type=int, default=3, help="timed runs per block (after one untimed)")
     parser.add_argument("--min-cosine", type=float, help="passed to the quantize pass")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
@@ -105,14 +107,14 @@ def main() -> None:
     table = Table(
         title=f"BERT{'-tiny' if args.small else '-base'} CPU, {args.threads} threads, seq {args.seq}"
     )
-    for column in ("batch", "model", "median ms", "× plain", "cosine vs fp32"):
+    for column in ("batch", "model", "median ms", "× plain (per-round range)", "cosine vs fp32"):
         table.add_column(column, justify="left" if column == "model" else "right")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         dims = {"batch": batch, "seq": args.seq}
         feeds = model_inputs.make_feeds(specs, dims, seed=batch)
         reference = rt.run(sessions[0][1], feeds)
-        timings = bench.bench(sessions, feeds, dims, warmup=3, iters=args.iters)
+        timings = bench.bench(sessions, feeds, dims, warmup=3, iters=args.iters, per_block=args.per_block)
         for (name, session), timing in zip(sessions, timings, strict=True):
             similarity = cosine(reference, rt.run(session, feeds))
             rows.append(
@@ -120,17 +122,15 @@ def main() -> None:
                     "batch": batch,
                     "model": name,
                     "median_ms": timing.median_ms,
-                    "speedup": timing.speedup,
+                    "speedup": timing.paired_speedup,
+                    "speedup_range": timing.paired_range,
                     "cosine": similarity,
                 }
             )
-            table.add_row(
-                str(batch), name, f"{timing.median_ms:.2f}", f"{timing.speedup:.2f}×", f"{similarity:.5f}"
-            )
-        ours, theirs = timings[2].median_ms, timings[1].median_ms
-        table.add_row(
-            str(batch), "txcompile vs quantize_dynamic", "", f"{theirs / ours:.2f}×", "", style="bold"
-        )
+            speedup = "{:.2f}× ({:.2f}–{:.2f})".format(timing.paired_speedup, *timing.paired_range)
+            table.add_row(str(batch), name, f"{timing.median_ms:.2f}", speedup, f"{similarity:.5f}")
+        versus = "{:.2f}× ({:.2f}–{:.2f})".format(*bench.paired_speedup(timings[1], timings[2]))
+        table.add_row(str(batch), "txcompile vs quantize_dynamic", "", versus, "", style="bold")
     console.print(table)
     if args.json:
         Path(args.json).write_text(
