@@ -301,3 +301,15 @@ def test_cli_int8_end_to_end_and_bad_input(tmp_path, capsys):
     assert "--min-cosine 2" in capsys.readouterr().err
     args = ["optimize", str(source), "-o", str(out), "--precision", "int8", "--int8-activations", "token"]
     assert main(args) == 0 and op_counts(onnx.load(out))["QuantizeLinear"] == 2
+
+
+def test_run_warns_when_an_8_bit_model_meets_a_cpu_that_saturates(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(int8_matmul, "saturates_at_8_bits", lambda: False)
+    _, _, out = quantize(linear_block())
+    path = tmp_path / "int8.onnx"
+    onnx.save(out, path)
+    assert main(["run", str(path), "--batch", "2"]) == 0
+    assert "saturate" not in capsys.readouterr().out
+    monkeypatch.setattr(int8_matmul, "saturates_at_8_bits", lambda: True)
+    assert main(["run", str(path), "--batch", "2"]) == 0
+    assert "warning: this model's int8 weights use 8 bits" in capsys.readouterr().out
