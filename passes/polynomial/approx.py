@@ -6,11 +6,13 @@ ciphertext×ciphertext ``mul``, multiply by a plaintext scalar ``scale`` and add
 (the depth we report) and ONNX emission (the graph ORT and the encrypted runtime execute), so
 the numbers in the report describe exactly the nodes in the graph.
 
-Chebyshev polynomials are evaluated in the Chebyshev basis: T_2n = 2T_n² − 1 and
-T_m+n = 2T_mT_n − T_m−n reach T_k at depth ⌈log₂ k⌉ (multiplying by the integer 2 is an
-addition, free); the coefficients cost one more level. A degree-d polynomial therefore costs
-⌈log₂ d⌉ + 1 levels, the optimum for scalar-coefficient evaluation, and parity halves the
-terms (GELU = 0.5x + even part, tanh/erf/sigmoid−½ odd).
+Chebyshev polynomials are evaluated in the Chebyshev basis by recursive division by the giant
+steps T_2^i (T_2n = 2T_n² − 1; multiplying by the integer 2 is an addition, free): p = q + T_m·r
+with q, r of degree < m, down to leaves c₀ + c₁t whose coefficient multiplication sits a level
+below the giant step that multiplies it. A degree-d polynomial therefore costs ⌈log₂(d + 1)⌉
+levels (degree 2^k − 1 in k), the optimum for scalar-coefficient evaluation, with about d/2
+ciphertext products; parity zeroes half the coefficients (GELU = 0.5x + even part,
+tanh/erf/sigmoid−½ odd).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ class Arith(Protocol):
 
 
 def is_integer(c: float) -> bool:
-    """Multiplying by an integer is repeated addition in CKKS: it costs no level."""
-    return float(c).is_integer() and abs(c) <= 8
+    """Multiplying by an integer is repeated addition in CKKS: it costs no level. Judged on the
+    float32 constant the graph holds, as the depth report judges it."""
+    c = float(np.float32(c))
+    return c.is_integer() and abs(c) <= 8
 
 
 class NumpyArith:
@@ -78,11 +82,22 @@ class NumpyArith:
 
 
 class LevelArith:
-    """Values are levels consumed: mul +1, scale by a non-integer +1, add/shift free."""
+    """Values are levels consumed: mul +1, scale by a non-integer +1, add/shift free.
 
-    def __init__(self) -> None:
+    ``masked``: coefficients carry a plaintext mask (emitted as a plaintext tensor), so even an
+    integer coefficient costs its level.
+    """
+
+    def __init__(self, masked: bool = False) -> None:
         self.ct_ct = 0
         self.ct_pt = 0
+        self.masked = masked
+
+    def coeff(self, a, c):
+        return self.mul_plain(a, c) if self.masked else self.scale(a, c)
+
+    def constant_term(self, a, c):
+        return a
 
     def add(self, a, b):
         return max(a, b)
@@ -117,40 +132,56 @@ class LevelArith:
         return a + max(0, math.ceil(math.log2(p)))
 
 
-def chebyshev_terms(ar: Arith, t: Any, degrees: list[int]) -> dict[int, Any]:
-    """T_k(t) for the wanted k, each at depth ⌈log₂ k⌉ above t."""
-    memo: dict[int, Any] = {1: t}
-
-    def term(k: int) -> Any:
-        if k in memo:
-            return memo[k]
-        if k % 2 == 0:
-            half = term(k // 2)
-            value = ar.shift(ar.scale(ar.mul(half, half), 2.0), -1.0)
-        else:
-            m = 1 << (math.ceil(math.log2(k)) - 1)
-            n = k - m
-            product = ar.scale(ar.mul(term(m), term(n)), 2.0)
-            value = product if m == n else ar.sub(product, term(m - n))
-        memo[k] = value
-        return value
-
-    return {k: term(k) for k in degrees if k > 0}
-
-
 def chebyshev_sum(ar: Arith, t: Any, coeffs: np.ndarray, tiny: float = 0.0) -> Any:
-    """Σ c_k T_k(t); terms with |c_k| ≤ tiny (parity zeros) are skipped."""
-    wanted = [k for k in range(1, len(coeffs)) if abs(coeffs[k]) > tiny]
-    terms = chebyshev_terms(ar, t, wanted)
-    coeff = getattr(ar, "coeff", ar.scale)
-    constant = getattr(ar, "constant_term", ar.shift)
-    total = None
-    for k in wanted:
-        scaled = coeff(terms[k], float(coeffs[k]))
-        total = scaled if total is None else ar.add(total, scaled)
-    if total is None:
+    """Σ c_k T_k(t) at depth ⌈log₂(d + 1)⌉; terms with |c_k| ≤ tiny (parity zeros) are skipped."""
+    coeffs = np.where(np.abs(coeffs) > tiny, np.asarray(coeffs, dtype=np.float64), 0.0)
+    giant: dict[int, Any] = {1: t}
+    value, constant = _split(ar, coeffs, giant)
+    if value is None:
         raise ValueError("a polynomial without non-constant terms")
-    return constant(total, float(coeffs[0])) if coeffs[0] else total
+    add_constant = getattr(ar, "constant_term", ar.shift)
+    return add_constant(value, constant) if constant else value
+
+
+def _giant(ar: Arith, giant: dict[int, Any], m: int) -> Any:
+    """T_m for m a power of two, at depth log₂ m: T_2m = 2T_m² − 1 (the 2 is an addition)."""
+    if m not in giant:
+        half = _giant(ar, giant, m // 2)
+        giant[m] = ar.shift(ar.scale(ar.mul(half, half), 2.0), -1.0)
+    return giant[m]
+
+
+def _split(ar: Arith, c: np.ndarray, giant: dict[int, Any]) -> tuple[Any, float]:
+    """(ciphertext part, constant) of Σ c_k T_k by recursive Chebyshev division p = q + T_m·r.
+
+    m is the largest power of two ≤ deg p, so q and r have degree < m and, by induction, sit
+    at depth ≤ log₂ m, the depth of T_m: the product lands at log₂ m + 1 = ⌈log₂(d + 1)⌉. The
+    coefficient multiplications happen in the leaves (c₀ + c₁t), a level below the giant steps
+    they are multiplied by, so they cost no extra level (Bossuat et al., Eurocrypt 2021).
+    """
+    nonzero = np.flatnonzero(c)
+    if not nonzero.size or nonzero[-1] == 0:
+        return None, float(c[0]) if c.size else 0.0
+    d = int(nonzero[-1])
+    coeff = getattr(ar, "coeff", ar.scale)
+    if d == 1:
+        return coeff(giant[1], float(c[1])), float(c[0])
+    m = 1 << (d.bit_length() - 1)
+    r = np.concatenate([[c[m]], 2.0 * c[m + 1 : d + 1]])  # T_m·T_k = (T_m+k + T_m−k)/2
+    q = c[:m].copy()
+    q[2 * m - d : m] -= c[d:m:-1]
+    q_value, q_constant = _split(ar, q, giant)
+    r_value, r_constant = _split(ar, r, giant)
+    t_m = _giant(ar, giant, m)
+    parts = [q_value] if q_value is not None else []
+    if r_value is not None:
+        parts.append(ar.mul(t_m, r_value))
+    if r_constant:
+        parts.append(coeff(t_m, r_constant))
+    total = parts[0]
+    for part in parts[1:]:
+        total = ar.add(total, part)
+    return total, q_constant
 
 
 @dataclasses.dataclass
@@ -222,13 +253,12 @@ def fit_to_tolerance(
     """The cheapest degree (by depth, then degree) whose max error on [lo, hi] is ≤ tol.
 
     Within one depth the highest degree is free, so we try the top degree of each depth
-    (2^k, and 2^k − 1 for odd functions) and stop at the first that meets ``tol``; if none
-    does, the most accurate one is returned and its error says so.
+    (2^k − 1, and 2^k − 2 for even functions) and stop at the first that meets ``tol``; if
+    none does, the most accurate one is returned and its error says so.
     """
     best = None
-    for k in range(1, int(math.log2(max_degree + 1)) + 1):
-        degree = (1 << k) - 1 if parity == "odd" else 1 << k
-        degree = min(degree, max_degree)
+    for k in range(2 if parity == "even" else 1, max_degree.bit_length() + 1):
+        degree = min((1 << k) - (2 if parity == "even" else 1), max_degree)
         candidate = fit_chebyshev(name, fn, lo, hi, degree, parity)
         if best is None or candidate.max_error < best.max_error:
             best = candidate

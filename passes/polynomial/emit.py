@@ -40,6 +40,11 @@ class GraphBuilder:
         self.graph.register_initializer(constant)
         return constant
 
+    def outside_uses(self, value: ir.Value) -> int:
+        """Uses of value by nodes already in the graph (not the ones this builder is making)."""
+        mine = set(map(id, self.nodes))
+        return sum(1 for use in value.uses() if id(use.node) not in mine)
+
     def commit(self) -> list[ir.Node]:
         if self.nodes:
             self.graph.insert_before(self.anchor, self.nodes)
@@ -62,7 +67,7 @@ class OnnxArith:
         return self.b.op("Mul", a, b)
 
     def scale(self, a, c):
-        c = float(c)
+        c = float(np.float32(c))  # the constant as the graph holds it
         if c == 1.0:
             return a
         if c == -1.0:

@@ -8,6 +8,8 @@ depth, max error on the domain and the out-of-range rate on held-out inputs.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -15,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from txcompile.depth import node_levels
 from txcompile.errors import TxError
 from txcompile.passes.base import TxPass
 
@@ -22,7 +25,7 @@ from . import calibrate, composite, prepare
 from .approx import LevelArith, NumpyArith, fit_to_tolerance
 from .contract import ciphertext_values, constant_array, is_constant, violations
 from .emit import GraphBuilder, OnnxArith
-from .fold import fold_scale, scaled_input
+from .fold import fold_row_sum, fold_scale, scaled_input
 from .functions import ELEMENTWISE
 from .inverse import plan_inverse
 from .sites import Site, find_sites
@@ -31,6 +34,7 @@ MODES = ("approx", "power-softmax")
 MASKED = -1e4  # additive mask entries below this are "not allowed"
 MAX_DEGREE = 127  # wide activation domains (GELU on ±35 in MiniLM's first layer) need it for 1e-3
 MAX_SQUARINGS = 6  # softmax normalize-and-square rounds tried
+COARSE = (0.03, 0.1, 0.2)  # relative errors tried for the reciprocals before a squaring
 SUM_SLACK = 1.05  # room for the exp's own error at the edges of the row-sum bounds
 MAX_EXPONENT = 600.0  # exp beyond this overflows float64 planning (e^709 is the limit)
 
@@ -69,11 +73,12 @@ class PolynomialForm(TxPass):
                 for store in (self.calib, self.heldout):
                     store[fresh.name] = store[site.value.name]
                 site.value, site.numerator = fresh, site.current_numerator()
+            self.levels = node_levels(graph)[0]  # upstream sites are rewritten: exact up to here
             record = getattr(self, f"_{site.kind}")(graph, site)
             record.update(node=site.node.name, op=site.node.op_type)
             records.append(record)
             self.rule_counts[record["rule"]] += 1
-        common.RemoveUnusedNodesPass()(model)
+            common.RemoveUnusedNodesPass()(model)  # dead copies must not count as users of what they read
         self.rule_counts = +self.rule_counts
         self.details.update(_summary(records), mode=self.mode, margin=self.margin, tolerance=self.tol)
         self.details["sites"] = records
@@ -95,8 +100,15 @@ class PolynomialForm(TxPass):
         return calibrate.out_of_range_rate(arrays, lo, hi)
 
     def _finish(self, site: Site, b: GraphBuilder, out: ir.Value, rule: str) -> None:
-        self.tag(b.commit(), rule)
-        ir.convenience.replace_all_uses_with(site.node.outputs[0], out, replace_graph_outputs=True)
+        nodes = b.commit()
+        for node in nodes:  # later sites fold through these: they must know what is ciphertext
+            if any(v in self.encrypted for v in node.inputs if v is not None):
+                self.encrypted.update(node.outputs)
+        self.tag(nodes, rule)
+        original = site.node.outputs[0]
+        if out.shape is None:  # the same tensor, approximated: later folds read its last axis
+            out.shape, out.type = original.shape, original.type
+        ir.convenience.replace_all_uses_with(original, out, replace_graph_outputs=True)
 
     # -- rewrites ------------------------------------------------------------------------------
 
@@ -118,7 +130,7 @@ class PolynomialForm(TxPass):
             poly = fit_to_tolerance(key, fn, lo, hi, self.tol, parity, max_degree=MAX_DEGREE)
         b = GraphBuilder(graph, node, f"{node.name}/poly")
         ar = OnnxArith(b)
-        t, folded = scaled_input(b, x, poly.mid, poly.half, self.encrypted)
+        t, folded = scaled_input(b, x, poly.mid, poly.half, self.encrypted, self.levels)
         out = poly.evaluate_t(ar, t)
         if half_x:
             out = ar.add(ar.scale(x, 0.5), out)
@@ -153,11 +165,12 @@ class PolynomialForm(TxPass):
         centered = [_centered(a) for a in calib]
         plan, error = self._plan_softmax(centered, n, calib, axis)
         b = GraphBuilder(graph, node, f"{node.name}/poly")
-        weights, xs, folded = self._row_weights(b, base, plain, plan.half, n)
-        out = composite.softmax(OnnxArith(b), OnnxArith(b, weights), xs, weights, plan, axis)
+        rows = self._row_inputs(b, base, plain, plan.half, n)
+        out = composite.softmax(OnnxArith(b), OnnxArith(b, rows.weights), rows.xs, rows.mean, plan, axis)
         self._finish(site, b, out, "softmax-exp-newton")
-        levels = LevelArith()
-        depth = composite.softmax(levels, levels, 0, 0, plan, axis) + (0 if folded else 1)
+        depth = composite.softmax(
+            LevelArith(), LevelArith(masked=True), rows.xs_level, rows.mean_level, plan, axis
+        )
         error = max(
             [error]
             + [
@@ -175,9 +188,12 @@ class PolynomialForm(TxPass):
             "exp_depth": plan.exp.depth(),
             "reciprocal": _inverse_record(plan.recip),
             "squarings": plan.rounds,
-            "square_reciprocal": _inverse_record(plan.square) if plan.square else None,
+            "square_reciprocal": _inverse_record(plan.last) if plan.rounds else None,
+            "intermediate_reciprocal": _inverse_record(plan.square) if plan.square else None,
+            "coarse_error": plan.coarse or None,
             "max_error": error,
-            "prescale_folded": folded,
+            "prescale_folded": rows.xs_level == 0,
+            "centering_levels": rows.mean_level,
             "domain": [domain.lo, domain.hi],
             "observed": [domain.low, domain.high],
             "masked": plain is not None,
@@ -187,8 +203,9 @@ class PolynomialForm(TxPass):
         }
 
     def _plan_softmax(self, centered, n: int, calib, axis: int) -> tuple[composite.SoftmaxPlan, float]:
-        """The shallowest sound plan (number of normalize-and-square rounds) meeting tol on
-        the calibration rows, else the most accurate one.
+        """The shallowest sound plan (normalize-and-square rounds × the coarse error of the
+        reciprocals before the last) meeting tol on the calibration rows, else the most
+        accurate one.
 
         Each round halves the range the exp must cover, and so shrinks exponentially the range
         of row sums its reciprocal must invert, at the price of one squaring and one reciprocal
@@ -196,27 +213,28 @@ class PolynomialForm(TxPass):
         """
         candidates = []
         for rounds in range(MAX_SQUARINGS + 1):
-            plan = self._softmax_plan(centered, n, rounds)
-            if plan is None:  # the row sums overflow: more rounds needed
-                continue
-            error = max(_max_error(_softmax_exact(a), self._softmax_numpy(a, plan, axis)) for a in calib)
-            levels = LevelArith()
-            candidates.append((composite.softmax(levels, levels, 0, 0, plan, axis), error, plan))
+            for coarse in COARSE if rounds else (0.0,):
+                plan = self._softmax_plan(centered, n, rounds, coarse)
+                if plan is None:  # the row sums overflow: more rounds needed
+                    break
+                error = max(_max_error(_softmax_exact(a), self._softmax_numpy(a, plan, axis)) for a in calib)
+                depth = composite.softmax(LevelArith(), LevelArith(masked=True), 0, 0, plan, axis)
+                candidates.append((depth, error, plan))
         if not candidates:
             raise TxError(f"softmax scores span more than 2^{MAX_SQUARINGS} × {MAX_EXPONENT:g} units")
         good = [c for c in candidates if c[1] <= self.tol and c[2].sound(self.tol)]
         _, error, plan = min(good, key=lambda c: c[0]) if good else min(candidates, key=lambda c: c[1])
         return plan, error
 
-    def _softmax_plan(self, centered, n: int, rounds: int) -> composite.SoftmaxPlan | None:
-        tol = self.tol / 2**rounds  # each squaring doubles the relative error
+    def _softmax_plan(self, centered, n: int, rounds: int, coarse: float) -> composite.SoftmaxPlan | None:
+        tol = self.tol / 2**rounds  # each squaring doubles the exp's relative error
         squeezed = [c / 2**rounds for c in centered]
         domain = calibrate.domain_of([c[np.isfinite(c)] for c in squeezed], self.margin)
         if domain.hi > MAX_EXPONENT:
             return None
         low, high = 1.0 / SUM_SLACK, _mean_exp_bound(domain.lo, domain.hi) * SUM_SLACK
         s = 2.0 / (high - low)
-        recip = plan_inverse("softmax-reciprocal", 1.0, s * low, s * low + 2.0, tol)
+        recip = _reciprocal("softmax-reciprocal", s * low, coarse or self.tol)
 
         def target(v):
             return s * np.exp(v)
@@ -224,10 +242,12 @@ class PolynomialForm(TxPass):
         exp = fit_to_tolerance("exp", target, domain.lo, domain.hi, tol * s)
         if not rounds:
             return composite.SoftmaxPlan(exp, recip)
-        lo, hi = 1.0 / (n * SUM_SLACK), SUM_SLACK  # Σy² of a probability row lies in [1/n_valid, 1]
+        # Σy² of a probability row lies in [1/n_valid, 1]; the coarse reciprocal before widens it
+        lo, hi = (1.0 - coarse) ** 2 / (n * SUM_SLACK), (1.0 + coarse) ** 2 * SUM_SLACK
         q = 2.0 / (hi - lo)
-        square = plan_inverse("softmax-square-reciprocal", 1.0, q * lo, q * lo + 2.0, tol)
-        return composite.SoftmaxPlan(exp, recip, rounds, square, q)
+        square = _reciprocal("softmax-square-reciprocal", q * lo, coarse) if rounds > 1 else None
+        last = _reciprocal("softmax-square-reciprocal", q * lo, self.tol / 2)
+        return composite.SoftmaxPlan(exp, recip, rounds, square, last, q, coarse)
 
     def _power_softmax(self, graph, site, base, plain, domain, axis):
         node, x = site.node, site.value
@@ -237,19 +257,21 @@ class PolynomialForm(TxPass):
         rows = np.concatenate([_masked_sum(np.where(a > MASKED, a, 0.0) ** p, a) for a in calib])
         sums = calibrate.positive_domain(rows + n * 1e-6, self.margin)
         s = 2.0 / (sums.high - sums.low)
-        recip = plan_inverse("power-softmax-reciprocal", 1.0, s * sums.low, s * sums.low + 2.0, self.tol)
+        recip = plan_inverse(
+            "power-softmax-reciprocal", 1.0, s * sums.low, s * sums.low + 2.0, self.tol, factor=True
+        )
         b = GraphBuilder(graph, node, f"{node.name}/power")
         ar = OnnxArith(b)
         root = s ** (1.0 / p)
         keep = None
         if plain is not None:
             keep, finite = _keep_and_finite(b, plain)
-            scaled = fold_scale(b, base, root, self.encrypted)
+            scaled = fold_scale(b, base, root, self.encrypted, levels=self.levels)
             folded = scaled is not None
             scaled = scaled if folded else b.op("Mul", base, b.const(root))
             xs = b.op("Mul", b.op("Add", scaled, b.op("Mul", finite, b.const(root))), keep)
         else:
-            xs = fold_scale(b, x, root, self.encrypted)
+            xs = fold_scale(b, x, root, self.encrypted, levels=self.levels)
             folded = xs is not None
             xs = xs if folded else b.op("Mul", x, b.const(root))
         out = composite.power_softmax(ar, xs, p, s * n * 1e-6, recip, axis)
@@ -274,25 +296,52 @@ class PolynomialForm(TxPass):
             "out_of_range": 0.0,
         }
 
-    def _row_weights(self, b: GraphBuilder, base, plain, half: float, n: int):
-        """(keep/n_valid, xs = x/half, folded): the plaintext row weights and the scaled input."""
-        scaled = fold_scale(b, base, 1.0 / half, self.encrypted)
-        folded = scaled is not None
-        if scaled is None:
-            scaled = b.op("Mul", base, b.const(1.0 / half))
+    def _scaled(self, b: GraphBuilder, value: ir.Value, c: float) -> tuple[ir.Value, int]:
+        """c·value folded into its producer (0 levels), else one multiply (1 level)."""
+        scaled = fold_scale(b, value, c, self.encrypted, levels=self.levels)
+        return (scaled, 0) if scaled is not None else (b.op("Mul", value, b.const(c)), 1)
+
+    def _row_mean(self, b: GraphBuilder, value: ir.Value, c: float) -> tuple[ir.Value, int]:
+        """c·Σ value over the last axis: pushed into the producer's weights (a column), else
+        the sum of a folded copy (0 levels), else the sum times c (1 level)."""
+        total = fold_row_sum(b, value, c, self.encrypted, levels=self.levels)
+        if total is not None:
+            return total, 0
+        copy, level = self._scaled(b, value, c)
+        return b.op("ReduceSum", copy, b.const([-1], np.int64), keepdims=1), level
+
+    def _row_inputs(self, b: GraphBuilder, base, plain, half: float, n: int) -> _RowInputs:
+        """xs = x/half, its row mean and the plaintext row weights.
+
+        Without a mask the mean, Σx/(n·half), is made from x beside xs, so it costs no level;
+        with one it is Σ xs·keep/n_valid, one level (the weights are per row and position, so
+        they cannot ride on a weight matrix).
+        """
+        xs, xs_level = self._scaled(b, base, 1.0 / half)
         if plain is None:
-            return b.const(1.0 / n), scaled, folded
+            mean, mean_level = self._row_mean(b, base, 1.0 / (half * n))
+            return _RowInputs(b.const(1.0 / n), xs, mean, xs_level, mean_level)
         keep, finite = _keep_and_finite(b, plain)
         valid = b.op("ReduceSum", keep, b.const([-1], np.int64), keepdims=1)
         weights = b.op("Div", keep, b.op("Max", valid, b.const(1.0)))
-        xs = b.op("Add", scaled, b.op("Mul", finite, b.const(1.0 / half)))
-        return weights, xs, folded
+        xs = b.op("Add", xs, b.op("Mul", finite, b.const(1.0 / half)))
+        mean = b.op("ReduceSum", b.op("Mul", xs, weights), b.const([-1], np.int64), keepdims=1)
+        return _RowInputs(weights, xs, mean, xs_level, xs_level + 1)
+
+    def _centering_copies(self, b: GraphBuilder, x: ir.Value, root: float, n: int) -> tuple | None:
+        """(√s·x, √s·mean x) at x's level, both folded into x's producer, or None."""
+        scaled = fold_scale(b, x, root, self.encrypted, levels=self.levels)
+        if scaled is None:
+            return None
+        mean, level = self._row_mean(b, x, root / n)
+        return (scaled, mean) if level == 0 else None
 
     def _softmax_numpy(self, a: np.ndarray, plan: composite.SoftmaxPlan, axis: int) -> np.ndarray:
         keep = (a > MASKED).astype(np.float64)
         weights = keep / np.maximum(keep.sum(-1, keepdims=True), 1.0)
         xs = np.where(keep > 0, a, 0.0) / plan.half
-        return composite.softmax(NumpyArith(), NumpyArith(weights), xs, weights, plan, axis)
+        mean = (xs * weights).sum(-1, keepdims=True)
+        return composite.softmax(NumpyArith(), NumpyArith(weights), xs, mean, plan, axis)
 
     def _layernorm(self, graph: ir.Graph, site: Site) -> dict[str, Any]:
         node, x = site.node, site.value
@@ -310,20 +359,25 @@ class PolynomialForm(TxPass):
         s = 2.0 / (sums.high - sums.low)
         offset = s * n * eps
         isqrt = plan_inverse(
-            "layernorm-isqrt", 0.5, s * sums.low + offset, s * sums.low + offset + 2.0, self.tol
+            "layernorm-isqrt", 0.5, s * sums.low + offset, s * sums.low + offset + 2.0, self.tol, factor=True
         )
         b = GraphBuilder(graph, node, f"{node.name}/poly")
         ar = OnnxArith(b)
         g = b.const(gamma.astype(np.float64) * math.sqrt(n))
         bt = b.const(beta) if beta is not None else None
-        out = composite.layernorm(ar, x, n, s, eps, isqrt, g, bt, -1)
+        root = math.sqrt(s)
+        copies = self._centering_copies(b, x, root, n)
+        out = composite.layernorm(ar, x, n, s, eps, isqrt, g, bt, -1, copies)
         self._finish(site, b, out, "layernorm-newton-isqrt")
-        levels = LevelArith()
-        depth = composite.layernorm(levels, 0, n, s, eps, isqrt, 0, None, -1)
+        at_x = (0, 0) if copies else None
+        depth = composite.layernorm(LevelArith(), 0, n, s, eps, isqrt, 0, None, -1, at_x)
         error = 0.0
         for a in [*calib, *self.heldout[x.name]]:
             exact = _layernorm_exact(a, gamma, eps)
-            approx = composite.layernorm(NumpyArith(), a, n, s, eps, isqrt, gamma * math.sqrt(n), None, -1)
+            scaled = (a * root, a.sum(-1, keepdims=True) * (root / n)) if copies else None
+            approx = composite.layernorm(
+                NumpyArith(), a, n, s, eps, isqrt, gamma * math.sqrt(n), None, -1, scaled
+            )
             error = max(error, _max_error(exact, approx))
         held = np.concatenate([(n * a.var(-1)).ravel() for a in self.heldout[x.name]])
         return {
@@ -332,6 +386,7 @@ class PolynomialForm(TxPass):
             "degree": isqrt.degree,
             "depth": depth,
             "isqrt": _inverse_record(isqrt),
+            "centering_levels": 0 if copies else 1,
             "max_error": error,
             "domain": [sums.low, sums.high],
             "observed": [float(totals.min()), float(totals.max())],
@@ -347,21 +402,23 @@ class PolynomialForm(TxPass):
             )
         dom = calibrate.positive_domain(values, self.margin)
         s = 2.0 / (dom.high - dom.low)
-        plan = plan_inverse(rule, power, s * dom.low, s * dom.low + 2.0, self.tol)
+        factor = v if site.kind == "sqrt" else site.numerator  # √v = v/√v; a/v or a/√v
+        inside = factor is not None and self.levels.get(factor, 0) <= self.levels.get(v, 0)
+        plan = plan_inverse(rule, power, s * dom.low, s * dom.low + 2.0, self.tol, factor=inside)
         b = GraphBuilder(graph, node, f"{node.name}/poly")
         ar = OnnxArith(b)
-        scaled = fold_scale(b, v, s, self.encrypted)
+        scaled = fold_scale(b, v, s, self.encrypted, levels=self.levels)
         folded = scaled is not None
         if scaled is None:
             scaled = b.op("Mul", v, b.const(s))
         k = s**power
-        y = plan.evaluate(ar, scaled, t=ar.shift(scaled, -plan.guess.mid), k=k)
-        levels = LevelArith()
-        depth = plan.evaluate(levels, 0, t=0, k=k) + (0 if folded else 1)
-        if site.kind == "sqrt":
-            y, depth = ar.mul(v, y), depth + 1
-        elif site.numerator is not None:
-            y, depth = ar.mul(site.numerator, y), depth + 1
+        # a factor no deeper than v joins the last Newton step; a deeper one multiplies after
+        t = ar.shift(scaled, -plan.guess.mid)
+        y = plan.evaluate(ar, scaled, t=t, k=k, factor=factor if inside else None)
+        u = 0 if folded else 1
+        depth = plan.evaluate(LevelArith(), u, t=u, k=k, factor=0 if inside else None)
+        if factor is not None and not inside:
+            y, depth = ar.mul(factor, y), depth + 1
         self._finish(site, b, y, f"{site.kind}-newton")
         held = np.concatenate([a.ravel() for a in self.heldout[v.name]])
         return {
@@ -383,6 +440,23 @@ class PolynomialForm(TxPass):
 
     def _reciprocal(self, graph, site):
         return self._inverse_site(graph, site, 1.0, "reciprocal")
+
+
+@dataclasses.dataclass
+class _RowInputs:
+    """A softmax's inputs: the scaled scores, their row mean, the row weights."""
+
+    weights: ir.Value
+    xs: ir.Value
+    mean: ir.Value
+    xs_level: int  # levels above the scores
+    mean_level: int
+
+
+@functools.lru_cache(maxsize=256)
+def _reciprocal(name: str, lo: float, tol: float):
+    """1/u on [lo, lo + 2] times a factor at u's level (softmax plans share them across rounds)."""
+    return plan_inverse(name, 1.0, lo, lo + 2.0, tol, factor=True)
 
 
 def _inverse_record(plan) -> dict[str, Any]:

@@ -9,11 +9,19 @@ import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.polynomial import chebyshev as cheb
 
-from txcompile.passes.polynomial.approx import LevelArith, NumpyArith, fit_to_tolerance
+from txcompile.depth import depth_report
+from txcompile.passes.polynomial.approx import (
+    LevelArith,
+    NumpyArith,
+    chebyshev_sum,
+    fit_chebyshev,
+    fit_to_tolerance,
+)
 from txcompile.passes.polynomial.emit import GraphBuilder, OnnxArith
 from txcompile.passes.polynomial.functions import erf, gelu_even, sigmoid_odd
-from txcompile.passes.polynomial.inverse import plan_inverse
+from txcompile.passes.polynomial.inverse import NewtonInverse, plan_inverse
 from txcompile.runtime import session as rt
 
 GELU = fit_to_tolerance("gelu", gelu_even, -8.0, 8.0, 1e-3, "even")
@@ -27,7 +35,7 @@ INVSQRT = plan_inverse("invsqrt", 0.5, 0.05, 2.05, 1e-3)
 
 @pytest.mark.parametrize(
     ("approx", "fn", "limit"),
-    [(GELU, gelu_even, 6), (EXP, np.exp, 5), (TANH, np.tanh, 6), (SIGMOID, sigmoid_odd, 6), (ERF, erf, 6)],
+    [(GELU, gelu_even, 5), (EXP, np.exp, 4), (TANH, np.tanh, 5), (SIGMOID, sigmoid_odd, 4), (ERF, erf, 4)],
     ids=["gelu", "exp", "tanh", "sigmoid", "erf"],
 )
 def test_depth_targets_at_1e3(approx, fn, limit):
@@ -94,3 +102,76 @@ def test_onnx_emission_matches_numpy_scheme():
     xs = np.linspace(-8, 8, 1000).astype(np.float32)
     got = rt.run(rt.create_session(proto, optimize=False), {"x": xs})["y"]
     assert np.max(np.abs(got - GELU(xs.astype(np.float64)))) < 1e-4
+
+
+@pytest.mark.parametrize("degree", [1, 3, 7, 12, 15, 16, 63, 64, 127])
+def test_degree_d_costs_log2_of_d_plus_1(degree):
+    """Recursive Chebyshev division: degree 2^k − 1 in k levels (the per-term scheme paid k + 1)."""
+    rng = np.random.default_rng(degree)
+    coeffs = rng.standard_normal(degree + 1) / np.arange(1, degree + 2)
+    t = np.linspace(-1.0, 1.0, 501)
+    value = chebyshev_sum(NumpyArith(), t, coeffs)
+    assert np.max(np.abs(value - cheb.chebval(t, coeffs))) < 1e-12
+    levels = LevelArith()
+    assert chebyshev_sum(levels, 0, coeffs) == math.ceil(math.log2(degree + 1))
+    assert levels.ct_ct <= degree  # about d/2 products, not one per term
+
+
+def test_parity_zeros_cost_no_products():
+    odd = np.zeros(16)
+    odd[1::2] = np.random.default_rng(1).uniform(0.1, 1.0, 8)
+    levels = LevelArith()
+    assert chebyshev_sum(levels, 0, odd) == 4 and levels.ct_pt == 8  # one coefficient per odd term
+    t = np.linspace(-1.0, 1.0, 101)
+    assert np.max(np.abs(chebyshev_sum(NumpyArith(), t, odd) - cheb.chebval(t, odd))) < 1e-12
+
+
+def _newton(guess: np.ndarray, u: np.ndarray, steps: int) -> np.ndarray:
+    y = guess
+    for _ in range(steps):
+        y = y * (2.0 - u * y)
+    return y
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_goldschmidt_is_newton_at_one_level_a_step(steps):
+    """y·Π(1 + e^(2^i)) is Newton's y(2 − uy) iterated: same numbers, steps + 1 levels, not 2·steps."""
+    guess = fit_chebyshev("guess", lambda x: 1.0 / x, 0.02, 2.02, 7)
+    plan = NewtonInverse("r", 1.0, guess, steps)
+    u = np.linspace(0.02, 2.02, 2001)
+    expected = _newton(guess(u), u, steps)
+    assert np.max(np.abs(plan(u) - expected) / expected) < 1e-12
+    assert plan.depth() == guess.depth() + steps + 1
+
+
+@pytest.mark.parametrize(("power", "steps"), [(1.0, 0), (1.0, 2), (0.5, 0), (0.5, 1), (0.5, 2)])
+def test_factor_joins_the_last_newton_step(power, steps):
+    """F·u^(-p) with F at u's level: free with a Newton step, one level after a bare guess."""
+    guess = fit_chebyshev("guess", lambda x: x**-power, 0.05, 2.05, 7)
+    plan = NewtonInverse("inv", power, guess, steps)
+    u = np.linspace(0.05, 2.05, 1001)
+    f = np.cos(7.0 * u)
+    with_factor = plan.evaluate(NumpyArith(), u, factor=f)
+    assert np.max(np.abs(with_factor - f * plan(u))) < 1e-12
+    assert plan.depth(factor=True) == plan.depth() + (0 if steps else 1)
+
+
+def test_emitted_inverse_with_factor_costs_what_levels_count():
+    """ORT runs F·u^(-1/2) as numpy computes it, and depth.py counts the levels LevelArith does."""
+    inputs = [ir.Value(name=n, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([500])) for n in "uf"]
+    graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": 20})
+    anchor = ir.node("Identity", [inputs[0]])
+    graph.append(anchor)
+    builder = GraphBuilder(graph, anchor, "t")
+    plan = plan_inverse("invsqrt", 0.5, 0.05, 2.05, 1e-3, factor=True)
+    y = plan.evaluate(OnnxArith(builder), inputs[0], factor=inputs[1])
+    builder.commit()
+    y.name = "y"
+    graph.outputs.append(y)
+    graph.remove(anchor, safe=True)
+    model = ir.Model(graph, ir_version=10)
+    assert depth_report(model)["depth"] == plan.depth(folded=False, factor=True)
+    u = np.linspace(0.05, 2.05, 500).astype(np.float32)
+    f = np.linspace(-3.0, 3.0, 500).astype(np.float32)
+    got = rt.run(rt.create_session(ir.serde.serialize_model(model), optimize=False), {"u": u, "f": f})["y"]
+    assert np.max(np.abs(got - f / np.sqrt(u.astype(np.float64)))) < 3e-3
