@@ -188,7 +188,8 @@ class FuseAttention(TxPass):
         packed_bias = None
         if key is not None and value is not None:
             rule = "mha-bsh"
-            (query, key, value), packed_bias = self._fold_projection_biases([query, key, value], hidden, b)
+            projections = [query, key, value]
+            (query, key, value), packed_bias = self._fold_projection_biases(projections, hidden, b, shapes)
             packed = _packed_projection(site, query, key, value, shapes)
             if packed is not None:
                 length = b.op("Shape", [packed[0]], {"start": 1, "end": 2})
@@ -330,8 +331,9 @@ class FuseAttention(TxPass):
         self.tag(b.nodes, "onnx-attention")
         return "Attention"
 
-    def _fold_projection_biases(self, inputs: list[ir.Value], hidden: int, b: _Builder):
-        """Q, K, V = MatMul + bias: feed the MatMuls and one packed bias [3 × hidden] instead."""
+    def _fold_projection_biases(self, inputs: list[ir.Value], hidden: int, b: _Builder, shapes: Shapes):
+        """Q, K, V = projection + bias: feed the projections and one packed bias [3 × hidden]
+        instead — the kernel adds it while it splits the heads, one pass fewer over each."""
         parts, folded = [], []
         for value in inputs:
             producer = value.producer()
@@ -340,12 +342,8 @@ class FuseAttention(TxPass):
                 for i in (0, 1):
                     bias, other = producer.inputs[i], producer.inputs[1 - i]
                     tensor = ir.convenience.get_const_tensor(bias)
-                    if (
-                        tensor is not None
-                        and tuple(tensor.shape.dims) == (hidden,)
-                        and other.producer() is not None
-                        and other.producer().op_type == "MatMul"
-                    ):
+                    same_shape = shapes(other) is not None and shapes(other) == shapes(value)
+                    if tensor is not None and tuple(tensor.shape.dims) == (hidden,) and same_shape:
                         found = (other, tensor.numpy().astype(np.float32))
                         break
             folded.append(found[0] if found else value)

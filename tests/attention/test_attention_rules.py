@@ -125,3 +125,18 @@ def test_heads_come_from_the_graph_without_inputs():
     tx_pass, fused = run_pass(FuseAttention, model, context_feeds={})
     assert "MultiHeadAttention" not in op_types(fused)
     assert "shapes" in _sites(tx_pass)[0]["reason"]
+
+
+def test_bias_after_any_projection_folds_into_mha():
+    """Q's bias follows a non-MatMul projection (as sparse-matmul's column groups leave it):
+    it still folds into MHA's packed bias, so no Add pass over Q remains."""
+    model = attention_block(kv_source="memory")
+    add = next(n for n in model.graph.node if n.op_type == "Add" and n.output[0] == "q_proj")
+    add.input[0] = "q_relu"
+    relu = onnx.helper.make_node("Relu", ["q_mm"], ["q_relu"])
+    model.graph.node.insert(list(model.graph.node).index(add), relu)
+    tx_pass, fused = run_pass(FuseAttention, model)
+    assert op_types(fused).count("MultiHeadAttention") == 1
+    assert "Add" not in op_types(fused)
+    assert tx_pass.rule_counts["fold-projection-bias"] == 1
+    assert max_diff(model, fused, feeds(batch=3, seq=11)) < ATOL
