@@ -188,8 +188,9 @@ class FuseAttention(TxPass):
         packed_bias = None
         if key is not None and value is not None:
             rule = "mha-bsh"
-            projections = [query, key, value]
-            (query, key, value), packed_bias = self._fold_projection_biases(projections, hidden, b, shapes)
+            (query, key, value), packed_bias = self._fold_projection_biases(
+                [query, key, value], hidden, b, shapes
+            )
             packed = _packed_projection(site, query, key, value, shapes)
             if packed is not None:
                 length = b.op("Shape", [packed[0]], {"start": 1, "end": 2})
@@ -342,7 +343,8 @@ class FuseAttention(TxPass):
                 for i in (0, 1):
                     bias, other = producer.inputs[i], producer.inputs[1 - i]
                     tensor = ir.convenience.get_const_tensor(bias)
-                    same_shape = shapes(other) is not None and shapes(other) == shapes(value)
+                    other_shape = shapes(other)
+                    same_shape = other_shape is not None and other_shape == shapes(value)
                     if tensor is not None and tuple(tensor.shape.dims) == (hidden,) and same_shape:
                         found = (other, tensor.numpy().astype(np.float32))
                         break
