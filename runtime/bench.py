@@ -17,6 +17,7 @@ from txcompile.runtime import session as rt
 # Runs timed per block; each block starts with untimed runs (see interleaved_runs).
 PER_BLOCK = 5
 SETTLE = 1
+SETTLE_MS = 10.0  # ... and lasts at least this long
 
 
 @dataclasses.dataclass
@@ -44,27 +45,36 @@ def interleaved_runs(
     per_block: int = PER_BLOCK,
     settle: int = SETTLE,
     warmup: int = 3,
+    settle_ms: float = SETTLE_MS,
 ) -> list[list[float]]:
     """Milliseconds of each timed run, per session: blocks of ``per_block`` runs, sessions taking
     turns block by block until each has ``iters`` timed runs.
 
-    A session's first run after another session ran is slow — the other one's worker threads
-    still spin on the cores and the caches hold its data (BERT-base here: 177 ms against 151
-    ms steady, its int8 graph 85 against 52) — so each block starts with ``settle`` untimed runs.
-    Timing every run back to back across sessions would measure that switch, not the model."""
+    Runs right after another session ran are slow — the other one's worker threads still spin
+    on the cores for a few milliseconds and the caches hold its data (BERT-base here: 177 ms
+    against 151 ms steady; a 90 %-pruned FFN at 16 tokens ran 0.105 ms for its first 33 runs,
+    about 3.5 ms, then 0.067 ms) — so each block starts with untimed runs: at least ``settle``
+    of them and at least ``settle_ms`` long. Timing every run back to back across sessions
+    would measure that switch, not the model."""
     for session in sessions:
         for _ in range(warmup):
             rt.run(session, feeds)
     samples: list[list[float]] = [[] for _ in sessions]
     for done in range(0, iters, per_block):
         for index, session in enumerate(sessions):
-            for _ in range(settle):
-                rt.run(session, feeds)
+            _settle(session, feeds, settle, settle_ms)
             for _ in range(min(per_block, iters - done)):
                 begin = time.perf_counter()
                 rt.run(session, feeds)
                 samples[index].append((time.perf_counter() - begin) * 1000)
     return samples
+
+
+def _settle(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], runs: int, ms: float) -> None:
+    begin, done = time.perf_counter(), 0
+    while done < runs or (time.perf_counter() - begin) * 1000 < ms:
+        rt.run(session, feeds)
+        done += 1
 
 
 def medians(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, np.ndarray], **how) -> list[float]:

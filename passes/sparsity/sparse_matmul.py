@@ -61,6 +61,8 @@ class SparseMatMul(TxPass):
             "measured_at_tokens": TOKENS,
             "precision": "int8" if self.int8 else "fp32",
         }
+        if self.rule_counts["column-groups"]:
+            model.opset_imports.setdefault("com.microsoft", 1)  # FusedMatMul
         if self.int8 and self.details["rewritten"]:
             self.details["weight_bits"] = int8_matmul.weight_bits()
             model.metadata_props[int8_matmul.WEIGHT_BITS_KEY] = str(self.details["weight_bits"])

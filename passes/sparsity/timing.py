@@ -24,7 +24,12 @@ def layer_model(build, k: int, tokens: int) -> bytes:
     y = build(tape, x)
     y.name = "y"
     graph = ir.Graph(
-        [x], [y], nodes=tape.nodes, initializers=tape.initializers, opset_imports={"": 18}, name="layer"
+        [x],
+        [y],
+        nodes=tape.nodes,
+        initializers=tape.initializers,
+        opset_imports={"": 18, "com.microsoft": 1},
+        name="layer",
     )
     return ir.serde.serialize_model(ir.Model(graph, ir_version=9)).SerializeToString()
 

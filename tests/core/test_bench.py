@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -44,13 +46,24 @@ def test_blocks_alternate_with_settling_runs_and_every_session_gets_iters_sample
     log: list[str] = []
     sessions = [Recording("a", log), Recording("b", log)]
     feeds = {"x": np.ones(2, np.float32)}
-    samples = bench.interleaved_runs(sessions, feeds, iters=7, per_block=3, settle=1, warmup=2)
+    samples = bench.interleaved_runs(sessions, feeds, iters=7, per_block=3, settle=1, warmup=2, settle_ms=0)
     assert [len(s) for s in samples] == [7, 7] and all(t > 0 for s in samples for t in s)
     # warm-up, then blocks of 1 settling + 3 timed runs (the last block only 1 timed)
     expected = ["a"] * 2 + ["b"] * 2
     for timed in (3, 3, 1):
         expected += ["a"] * (1 + timed) + ["b"] * (1 + timed)
     assert log == expected
+
+
+def test_settling_lasts_at_least_settle_ms():
+    log: list[str] = []
+    sessions = [Recording("a", log), Recording("b", log)]
+    begin = time.perf_counter()
+    feeds = {"x": np.ones(2, np.float32)}
+    bench.interleaved_runs(sessions, feeds, iters=2, per_block=2, warmup=0, settle_ms=20)
+    assert time.perf_counter() - begin >= 0.040  # two blocks, each settled for 20 ms
+    # a run of the identity model takes well under a millisecond: many settling runs per block
+    assert log.count("a") > 10 and log.count("b") > 10 and log[-2:] == ["b", "b"]
 
 
 def test_bench_reports_speedup_against_the_first_model():
