@@ -103,7 +103,7 @@ def op_times(model: onnx.ModelProto, feeds, threads: int, runs: int = 100) -> li
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="txcompile-profile-") as folder:
         options.profile_file_prefix = os.path.join(folder, "layer")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=rt.PROVIDERS["cpu"])
         for _ in range(runs):
             session.run(None, feeds)
         with open(session.end_profiling()) as trace:
@@ -130,7 +130,7 @@ def main() -> None:
     )
     for column in ("layer", "form", "M", "dense ms", "sparse ms", "speedup", "range", "target", "max diff"):
         table.add_column(column, justify="left" if column in ("layer", "form") else "right")
-    rows, profiles = [], []
+    profiles = []
     for k, n in sizes["shapes"]:
         cases = [
             ("fp32 1x32", linear_model(k, n), "1x32", None),
@@ -151,7 +151,6 @@ def main() -> None:
                     sessions, {"x": x}, {"tokens": tokens}, iters=args.runs, per_block=args.per_block
                 )
                 label = f"{k}->{n}" + (f"->{k}" if form in PAIRS else "")
-                rows.append((form, sparse_t.paired_speedup))
                 table.add_row(
                     label,
                     form,
