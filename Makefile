@@ -12,7 +12,7 @@ OUT := out
 TEST_WORKERS ?= 2
 TX := $(BIN)/txcompile
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint lint-imports clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit("txcompile needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
@@ -33,6 +33,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check txcompile passes exporters runtime tests
+
+# The layer contract in pyproject.toml, checked on an installed copy (the editable install maps
+# passes/, exporters/ and runtime/ into txcompile from outside txcompile/).
+LINT_SITE := build/lint-imports
+lint-imports: $(STAMP)
+	rm -rf $(LINT_SITE)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation --target $(LINT_SITE) . 2>/dev/null
+	cd $(LINT_SITE) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml
 
 clean:
 	rm -rf $(OUT) $(VENV)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from txcompile.runtime.inputs import InputSpec
+from txcompile.graph.inputs import InputSpec
 
 from .model import TorchModel
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from txcompile.errors import TxError
-from txcompile.runtime.inputs import InputSpec
+from txcompile.graph.errors import TxError
+from txcompile.graph.inputs import InputSpec
 
 from .model import TorchModel
 from .quiet import captured, one_line

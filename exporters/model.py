@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from txcompile.runtime.inputs import InputSpec, make_feeds
+from txcompile.graph.inputs import InputSpec, make_feeds
 
 
 @dataclasses.dataclass

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from txcompile.errors import TxError
-from txcompile.runtime.inputs import InputSpec
+from txcompile.graph.errors import TxError
+from txcompile.graph.inputs import InputSpec
 
 from .builtin import BUILTINS
 from .huggingface import load_hf_folder

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 import torch
 
-from txcompile.errors import TxError
-from txcompile.runtime.inputs import InputSpec, concrete_shape, make_feeds, write_specs
-from txcompile.runtime.session import create_session, max_abs_diff, run
+from txcompile.graph.errors import TxError
+from txcompile.graph.inputs import InputSpec, concrete_shape, make_feeds, write_specs
+from txcompile.graph.ort import create_session, max_abs_diff, run
 
 from .model import TorchModel, flatten_outputs
 from .quiet import captured, one_line

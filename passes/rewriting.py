@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from txcompile.passes.base import RULE_KEY, all_nodes
+from txcompile.graph.nodes import RULE_KEY, all_nodes
 
 
 def apply_rules(model: ir.Model, rules: Mapping[str, pattern.RewriteRule]) -> collections.Counter[str]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from txcompile.runtime import session as rt
+from txcompile.graph import ort as rt
 
 # Runs timed per block; each block starts with untimed runs (see interleaved_runs).
 PER_BLOCK = 5

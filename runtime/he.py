@@ -22,10 +22,10 @@ import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
-from txcompile.depth import depth_report
-from txcompile.errors import TxError
-from txcompile.passes.polynomial.contract import ciphertext_values, violations
-from txcompile.runtime import session as rt
+from txcompile.graph import ort as rt
+from txcompile.graph.ckks import ciphertext_values, violations
+from txcompile.graph.depth import depth_report
+from txcompile.graph.errors import TxError
 
 SCALE_BITS = 40
 
@@ -51,7 +51,7 @@ def _tenseal():
 
 def make_context(depth: int, scale_bits: int = SCALE_BITS):
     """The smallest 128-bit-secure CKKS context with ``depth`` rescales (parameters from depth.py)."""
-    from txcompile.depth import suggest_ckks
+    from txcompile.graph.depth import suggest_ckks
 
     params = None
     for bits in dict.fromkeys((scale_bits, 30)):  # 30 bits (~1e-3 noise) only where no ring fits more

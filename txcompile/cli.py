@@ -10,7 +10,7 @@ import argparse
 import sys
 import traceback
 
-from txcompile.errors import TxError, VerificationError
+from txcompile.graph.errors import TxError, VerificationError
 
 DEFAULT_MODEL = "tiny-bert"
 

@@ -11,12 +11,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from txcompile import compiler, modelio, pipelines, render, report
-from txcompile.errors import TxError, VerificationError
-from txcompile.passes import int8_matmul
+from txcompile import compiler, pipelines, render, report
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph import modelio
+from txcompile.graph import ort as rt
+from txcompile.graph.errors import TxError, VerificationError
+from txcompile.passes.targets import int8_matmul
 from txcompile.runtime import bench as benchmark
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
 
 # Pipes and CI logs get a wide console so report tables are never cut to 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -42,7 +43,7 @@ def _settings(args, dims: dict[str, int]) -> compiler.Settings:
         dims=dims,
         inputs_npz=args.inputs,
         debug=args.debug,
-        options=dict(vars(args)),  # every flag, so pass families can read their own
+        flags=dict(vars(args)),  # every flag: each pass fills its Options from the ones it declares
     )
 
 

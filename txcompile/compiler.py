@@ -15,12 +15,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from txcompile import modelio, pipelines, report
-from txcompile.errors import TxError
+from txcompile import pipelines, report
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph import modelio
+from txcompile.graph import ort as rt
+from txcompile.graph.errors import TxError
+from txcompile.graph.nodes import op_histogram
 from txcompile.pass_manager import PassManager, PipelineResult
-from txcompile.passes.base import PassContext, op_histogram
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
+from txcompile.passes.base import PassContext
 
 
 @dataclasses.dataclass
@@ -32,7 +34,7 @@ class Settings:
     verify: bool = True
     dims: dict[str, int] = dataclasses.field(default_factory=dict)
     inputs_npz: str | None = None
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    flags: dict[str, Any] = dataclasses.field(default_factory=dict)  # the CLI's flags; passes read theirs
     debug: bool = False
 
 
@@ -63,11 +65,12 @@ def optimize(
     """Run the target's pipeline; judge the result against PyTorch if given, else the input."""
     device = pipelines.device_for(settings.target)
     names = pipelines.pass_names(settings.target, settings.passes, settings.disable)
-    names = pipelines.with_sparsity(names, settings.options)
+    sparsity = settings.flags.get("sparsity") is not None
+    names = pipelines.with_sparsity(names, sparsity, bool(settings.passes), settings.disable)
     feeds = verification_feeds(model, settings)
     if settings.verify:
         _check_runs(model, feeds, device)
-    context = PassContext(settings.target, device, feeds, dict(settings.options))
+    context = PassContext(settings.target, device, feeds, dict(settings.flags))
     manager = PassManager(
         pipelines.build(names, context),
         device=device,

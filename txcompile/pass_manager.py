@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from txcompile.errors import TxError
-from txcompile.passes.base import PASS_KEY, RULE_KEY, TxPass, all_nodes, op_key
-from txcompile.runtime import session as rt
+from txcompile.graph import ort as rt
+from txcompile.graph.errors import TxError
+from txcompile.graph.nodes import PASS_KEY, RULE_KEY, all_nodes, op_key
+from txcompile.passes.base import TxPass
 
 APPLIED, UNCHANGED, ROLLED_BACK = "applied", "unchanged", "rolled back"
 

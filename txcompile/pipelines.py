@@ -4,21 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from txcompile.depth import HeDepth
-from txcompile.errors import TxError
-from txcompile.passes import analyze, cleanup, fold_batchnorm, norm_affine, norms, preln_rmsnorm
-from txcompile.passes.activations import FuseActivations
-from txcompile.passes.attention_fusion import FuseAttention
+from txcompile.graph.errors import TxError
+from txcompile.passes.attention.activations import FuseActivations
+from txcompile.passes.attention.embed_layernorm import FuseEmbedLayerNorm
+from txcompile.passes.attention.fusion import FuseAttention
+from txcompile.passes.attention.remove_padding import RemovePadding
+from txcompile.passes.attention.rotary import FuseRotary
 from txcompile.passes.base import PassContext, TxPass
-from txcompile.passes.embed_layernorm import FuseEmbedLayerNorm
-from txcompile.passes.kernel_check import KernelCheck
+from txcompile.passes.cleanup import analyze
+from txcompile.passes.cleanup import simplify as cleanup
+from txcompile.passes.norms import affine as norm_affine
+from txcompile.passes.norms import batchnorm as fold_batchnorm
+from txcompile.passes.norms import fuse as norms
+from txcompile.passes.norms import preln_rmsnorm
 from txcompile.passes.polynomial.contract import CheckContract
+from txcompile.passes.polynomial.depth import HeDepth
 from txcompile.passes.polynomial.rewrite import PolynomialForm
-from txcompile.passes.precision import Precision
-from txcompile.passes.quantize import Quantize
-from txcompile.passes.remove_padding import RemovePadding
-from txcompile.passes.rotary import FuseRotary
 from txcompile.passes.sparsity import Prune, SparseMatMul, SparsityReport
+from txcompile.passes.targets.kernel_check import KernelCheck
+from txcompile.passes.targets.precision import Precision
+from txcompile.passes.targets.quantize import Quantize
 
 PASSES: dict[str, type[TxPass]] = {
     cls.name: cls
@@ -112,16 +117,18 @@ def pass_names(target: str, passes: Sequence[str] | None = None, disable: Sequen
     return [n for n in names if n not in set(disable)]
 
 
-def with_sparsity(names: Sequence[str], options: dict) -> list[str]:
+def with_sparsity(
+    names: Sequence[str], sparsity: bool, passes_given: bool, disable: Sequence[str] = ()
+) -> list[str]:
     """``--sparsity`` asks for pruning. In a target's pipeline prune and sparse-matmul go right
     after cleanup: the fusions would otherwise pack Q/K/V into one Attention op (hiding those
     layers) and turn bias+Gelu into contrib ops. With ``--passes`` the order given is kept and
     prune goes just before sparse-matmul (or before analyze)."""
     names = list(names)
-    if options.get("sparsity") is None or "prune" in names:
+    if not sparsity or "prune" in names:
         return names
-    disabled = set(options.get("disable_pass") or ())
-    if options.get("passes"):
+    disabled = set(disable)
+    if passes_given:
         added = [n for n in ("prune", "sparse-matmul") if n not in names and n not in disabled]
         if "sparse-matmul" in names:
             at = names.index("sparse-matmul")

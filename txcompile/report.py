@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from txcompile.errors import TxError
+from txcompile.graph.errors import TxError
 
 SCHEMA = "txcompile-report/1"
 

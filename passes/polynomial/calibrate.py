@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from txcompile.runtime import session as rt
+from txcompile.graph import ort as rt
 
 
 def capture(model: ir.Model, names: Iterable[str], feeds_list: list[Mapping[str, np.ndarray]]):

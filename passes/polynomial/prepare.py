@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .contract import constant_array, is_constant
+from txcompile.graph.ckks import constant_array, is_constant
+
 from .emit import GraphBuilder
 
 

@@ -17,13 +17,13 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from txcompile.depth import node_levels
-from txcompile.errors import TxError
+from txcompile.graph.ckks import ciphertext_values, constant_array, is_constant, violations
+from txcompile.graph.depth import node_levels
+from txcompile.graph.errors import TxError
 from txcompile.passes.base import TxPass
 
 from . import calibrate, composite, prepare
 from .approx import LevelArith, NumpyArith, fit_to_tolerance
-from .contract import ciphertext_values, constant_array, is_constant, violations
 from .emit import GraphBuilder, OnnxArith
 from .fold import fold_row_sum, fold_scale, scaled_input
 from .functions import ELEMENTWISE
@@ -39,21 +39,33 @@ SUM_SLACK = 1.05  # room for the exp's own error at the edges of the row-sum bou
 MAX_EXPONENT = 600.0  # exp beyond this overflows float64 planning (e^709 is the limit)
 
 
+@dataclasses.dataclass(frozen=True)
+class PolynomialOptions:
+    he_mode: str = "approx"  # approx, or power-softmax (softmax replaced by a normalized power)
+    he_margin: float = 1.5  # fit each polynomial over the calibrated range widened by this factor
+    he_tol: float = 1e-3
+    he_power: int = 4
+    calib: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.he_mode not in MODES:
+            raise TxError(f"--he-mode {self.he_mode!r}: choose approx or power-softmax")
+        if self.he_margin < 1 or self.he_tol <= 0 or self.he_power < 2 or self.he_power % 2:
+            raise TxError("--he-margin must be ≥ 1, --he-tol > 0 and --he-power an even integer ≥ 2")
+
+
 class PolynomialForm(TxPass):
     name = "he-polynomial"
     summary = "replace every non-linearity on encrypted values by a calibrated polynomial scheme"
     exact = False
+    Options = PolynomialOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        options = self.context.options
-        self.mode = options.get("he_mode") or "approx"
-        if self.mode not in MODES:
-            raise TxError(f"--he-mode {self.mode!r}: choose approx or power-softmax")
-        self.margin = float(options.get("he_margin") or 1.5)
-        self.tol = float(options.get("he_tol") or 1e-3)
-        self.power = int(options.get("he_power") or 4)
-        if self.margin < 1 or self.tol <= 0 or self.power < 2 or self.power % 2:
-            raise TxError("--he-margin must be ≥ 1, --he-tol > 0 and --he-power an even integer ≥ 2")
+        options = self.options
+        self.mode = options.he_mode
+        self.margin = float(options.he_margin)
+        self.tol = float(options.he_tol)
+        self.power = int(options.he_power)
         graph = model.graph
         self.rule_counts["nan-guard"] += prepare.remove_nan_guards(graph)
         self.rule_counts["div-by-constant"] += prepare.div_by_constant(graph)
@@ -62,7 +74,7 @@ class PolynomialForm(TxPass):
         _name_values(graph)
         self.encrypted = ciphertext_values(graph)
         sites = find_sites(graph, self.encrypted)
-        calib_feeds, heldout_feeds = _feed_sets(model, self.context.feeds, options.get("calib"))
+        calib_feeds, heldout_feeds = _feed_sets(model, self.context.feeds, options.calib)
         names = [s.value.name for s in sites]
         self.calib = calibrate.capture(model, names, calib_feeds) if sites else {}
         self.heldout = calibrate.capture(model, names, heldout_feeds) if sites else {}
@@ -566,7 +578,7 @@ def _name_values(graph: ir.Graph) -> None:
 def _feed_sets(model: ir.Model, feeds: dict[str, np.ndarray], calib_path: str | None):
     """Calibration and held-out feed sets: ``--calib`` then the verification inputs, or the
     verification inputs then fresh random ones drawn the same way."""
-    from txcompile.runtime import inputs as model_inputs
+    from txcompile.graph import inputs as model_inputs
 
     if not feeds:
         raise TxError("he-polynomial needs verification inputs to calibrate on")

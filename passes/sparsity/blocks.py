@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from txcompile.errors import TxError
+from txcompile.graph.errors import TxError
 
 NEURON = "neuron"
 # candidate shapes the report tries, coarsest first (ties go to the coarser one)

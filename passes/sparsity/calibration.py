@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from txcompile.errors import TxError
-from txcompile.passes.attention_shapes import probe_values
-from txcompile.runtime import inputs as model_inputs
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph.errors import TxError
+from txcompile.graph.probe import probe_values
 
 from .linears import Linear
 

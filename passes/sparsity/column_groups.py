@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.passes import int8_matmul
+from txcompile.passes.targets import int8_matmul
 
 from . import blocks
 

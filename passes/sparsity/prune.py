@@ -11,15 +11,16 @@ the accuracy cost against the unpruned graph, computed on the verification input
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.errors import TxError
+from txcompile.graph import ort as rt
+from txcompile.graph.errors import TxError
 from txcompile.passes.base import TxPass
-from txcompile.runtime import session as rt
 
 from . import blocks, calibration, structured
 from .linears import INNER, Linear, find_linears
@@ -27,26 +28,39 @@ from .linears import INNER, Linear, find_linears
 SCORES = ("magnitude", "activation")
 
 
-class Prune(TxPass):
-    name = "prune"
-    summary = "zero the lowest-scoring weight blocks to --sparsity (magnitude or activation-aware)"
-    exact = False
+@dataclasses.dataclass(frozen=True)
+class PruneOptions:
+    sparsity: str | float | None = None  # a fraction, or per-layer NAME=FRACTION pairs
+    block: str | None = None  # K×N, e.g. 1x32; None: the best shape per layer
+    prune_score: str = "magnitude"
+    balanced: bool = False
+    prune_final: bool = False  # prune the final (LM head / classifier) linear too
+    calib: str | None = None
 
-    def __init__(self, context=None) -> None:
-        super().__init__(context)
-        options = self.context.options
-        self.sparsity = options.get("sparsity")
-        self.block = blocks.parse_block(options.get("block"))
-        self.score = options.get("prune_score") or "magnitude"
-        self.balanced = bool(options.get("balanced"))
-        self.include_final = bool(options.get("prune_final"))
-        self.calib = options.get("calib")
-        if self.score not in SCORES:
-            raise TxError(f"--prune-score {self.score!r}: choose one of {', '.join(SCORES)}")
+    def __post_init__(self) -> None:
+        if self.prune_score not in SCORES:
+            raise TxError(f"--prune-score {self.prune_score!r}: choose one of {', '.join(SCORES)}")
         if self.calib and not os.path.isfile(self.calib):
             raise TxError(f"--calib {self.calib}: no such file")
         if self.sparsity is not None:
             blocks.parse_sparsity(self.sparsity)  # bad input fails before any pass runs
+
+
+class Prune(TxPass):
+    name = "prune"
+    summary = "zero the lowest-scoring weight blocks to --sparsity (magnitude or activation-aware)"
+    exact = False
+    Options = PruneOptions
+
+    def __init__(self, context=None) -> None:
+        super().__init__(context)
+        options = self.options
+        self.sparsity = options.sparsity
+        self.block = blocks.parse_block(options.block)
+        self.score = options.prune_score
+        self.balanced = options.balanced
+        self.include_final = options.prune_final
+        self.calib = options.calib
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.sparsity is None:

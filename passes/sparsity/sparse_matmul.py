@@ -10,14 +10,15 @@ each layer's pattern, the parameters and FLOPs saved and the measured speedup.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.errors import TxError
-from txcompile.passes import int8_matmul
+from txcompile.graph.errors import TxError
 from txcompile.passes.base import TxPass
+from txcompile.passes.targets import int8_matmul
 
 from . import column_groups, structured, timing
 from .linears import find_linears
@@ -29,21 +30,32 @@ TOKENS = 128  # rows of X the in-pass measurement uses
 DECISIONS = ("measure", "cost", "always")
 
 
+@dataclasses.dataclass(frozen=True)
+class SparseMatMulOptions:
+    precision: str | None = None  # int8: column groups with integer products
+    sparse_decision: str = "measure"  # measure, always or never rewrite a layer
+    threads: int | None = None  # threads the dense-or-sparse timing runs with
+
+    def __post_init__(self) -> None:
+        if self.sparse_decision not in DECISIONS:
+            choices = ", ".join(DECISIONS)
+            raise TxError(f"--sparse-decision {self.sparse_decision!r}: choose one of {choices}")
+
+
 class SparseMatMul(TxPass):
     name = "sparse-matmul"
     summary = "exploit sparse weights: slice vanished channels, column-group Gather+MatMul (int8 optional)"
     exact = True
 
+    Options = SparseMatMulOptions
+
     def __init__(self, context=None) -> None:
         super().__init__(context)
-        options = self.context.options
-        self.int8 = options.get("precision") == "int8"
+        self.int8 = self.options.precision == "int8"
         if self.int8:
             self.exact = False  # int8 products: approximate, error reported
-        self.decision = options.get("sparse_decision") or "measure"
-        if self.decision not in DECISIONS:
-            raise TxError(f"--sparse-decision {self.decision!r}: choose one of {', '.join(DECISIONS)}")
-        self.threads = options.get("threads")
+        self.decision = self.options.sparse_decision
+        self.threads = self.options.threads
         self.layers: list[dict[str, Any]] = []
         self.shared: dict = {}  # per input value: its transpose (and int8 quantization), built once
 

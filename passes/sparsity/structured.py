@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from txcompile.runtime import session as rt
+from txcompile.graph import ort as rt
 
 from .linears import Linear
 

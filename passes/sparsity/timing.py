@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from txcompile.graph import ort as rt
 from txcompile.runtime import bench
-from txcompile.runtime import session as rt
 
 from . import column_groups
 

@@ -7,8 +7,8 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from txcompile.graph import ort as rt
 from txcompile.passes.base import PassContext
-from txcompile.runtime import session as rt
 
 BATCH, SEQ, HEADS, HEAD_DIM = 2, 6, 4, 8
 HIDDEN = HEADS * HEAD_DIM
@@ -155,7 +155,7 @@ def feeds(batch: int = BATCH, seq: int = SEQ) -> dict[str, np.ndarray]:
 def run_pass(pass_class, model: onnx.ModelProto, options: dict | None = None, context_feeds=None):
     """Apply one pass to a copy; return (the pass, the new proto)."""
     working = ir.serde.deserialize_model(model)
-    context = PassContext(feeds=feeds() if context_feeds is None else context_feeds, options=options or {})
+    context = PassContext(feeds=feeds() if context_feeds is None else context_feeds, flags=options or {})
     tx_pass = pass_class(context)
     result = tx_pass(working)
     return tx_pass, ir.serde.serialize_model(result.model)

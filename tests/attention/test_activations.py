@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from txcompile.passes.activations import FuseActivations
+from txcompile.passes.attention.activations import FuseActivations
 
 from .graphs import max_diff, op_types, run_pass
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from txcompile.errors import TxError
-from txcompile.passes.attention_fusion import FuseAttention
+from txcompile.graph.errors import TxError
+from txcompile.passes.attention.fusion import FuseAttention
 
 from .graphs import attention_block, feeds, max_diff, op_types, run_pass
 

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from txcompile.cli import main
-from txcompile.runtime.inputs import InputSpec, write_specs
+from txcompile.graph.inputs import InputSpec, write_specs
 
 from .graphs import HIDDEN, attention_block
 

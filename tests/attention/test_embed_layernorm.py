@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from txcompile.passes.embed_layernorm import FuseEmbedLayerNorm
+from txcompile.passes.attention.embed_layernorm import FuseEmbedLayerNorm
 
 from .graphs import max_diff, op_types, run_pass
 

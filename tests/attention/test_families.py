@@ -15,10 +15,10 @@ import onnx
 import pytest
 
 from txcompile import compiler
-from txcompile.errors import TxError
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph import ort as rt
+from txcompile.graph.errors import TxError
 from txcompile.pipelines import CLEANUP
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 exporters = pytest.importorskip("txcompile.exporters")

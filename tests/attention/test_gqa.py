@@ -9,13 +9,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from txcompile import compiler, kernels
+from txcompile import compiler
 from txcompile.exporters import export_onnx, load_model_spec
+from txcompile.graph import inputs, kernels
+from txcompile.graph import ort as rt
 from txcompile.passes.base import PassContext
-from txcompile.passes.kernel_check import missing_kernels
-from txcompile.passes.precision import Precision
-from txcompile.runtime import inputs
-from txcompile.runtime import session as rt
+from txcompile.passes.targets.kernel_check import missing_kernels
+from txcompile.passes.targets.precision import Precision
 
 DIMS = {"batch": 2, "seq": 16}
 HF = Path(__file__).resolve().parents[1] / "data" / "hf"
@@ -33,7 +33,7 @@ def llama_gqa(llama):
 
 
 def _gqa(model: onnx.ModelProto, npz: str | None = None):
-    settings = compiler.Settings(target="cpu", inputs_npz=npz, options={"attention_op": "gqa"})
+    settings = compiler.Settings(target="cpu", inputs_npz=npz, flags={"attention_op": "gqa"})
     outcome = compiler.optimize(model, settings, source="test", output="unused.onnx")
     fusion = next(p for p in outcome.report["passes"] if p["name"] == "fuse-attention")
     return outcome, fusion["details"]["sites"]

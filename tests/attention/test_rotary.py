@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from txcompile.passes.rotary import FuseRotary
+from txcompile.passes.attention.rotary import FuseRotary
 
 from .graphs import max_diff, op_types, run_pass
 

@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.table import Table
 
 from txcompile import compiler
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph import ort as rt
 from txcompile.runtime import bench as benchmark
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
 
 BERT_BASE = {
     "hidden_size": 768,
@@ -68,7 +68,7 @@ def onnxscript_fused(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, st
 
 
 def ours(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, str]:
-    settings = compiler.Settings(target="cpu", options=options)
+    settings = compiler.Settings(target="cpu", flags=options)
     outcome = compiler.optimize(model, settings, source="bert-base", output="ours.onnx")
     if outcome.passed is False:
         raise SystemExit("txcompile's graph failed verification")

@@ -71,7 +71,7 @@ def compile_gpu(name: str, plain, precision: str, attention_op: str = "ms", disa
     from txcompile import compiler, render
 
     options = {"precision": precision, "attention_op": attention_op}
-    settings = compiler.Settings(target="gpu", dims={"batch": 2, "seq": 16}, disable=disable, options=options)
+    settings = compiler.Settings(target="gpu", dims={"batch": 2, "seq": 16}, disable=disable, flags=options)
     outcome = compiler.optimize(plain, settings, source=name, output=f"{name}-gpu.onnx")
     for record in outcome.report["passes"]:
         if record["status"] != "unchanged":
@@ -142,8 +142,8 @@ def main() -> None:
     check_cuda()
     import onnxruntime as ort
 
-    from txcompile.runtime import inputs as model_inputs
-    from txcompile.runtime import session as rt
+    from txcompile.graph import inputs as model_inputs
+    from txcompile.graph import ort as rt
 
     print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}")
     rows = []

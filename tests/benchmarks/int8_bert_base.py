@@ -28,10 +28,10 @@ from rich.console import Console
 from rich.table import Table
 
 from txcompile import compiler
-from txcompile.passes.quantize import cosine
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph import ort as rt
+from txcompile.passes.targets.quantize import cosine
 from txcompile.runtime import bench
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
 
 SMALL_CONFIG = Path(__file__).resolve().parents[1] / "data" / "hf" / "bert"
 
@@ -74,7 +74,7 @@ def txcompile_int8(plain: onnx.ModelProto, min_cosine: float | None) -> onnx.Mod
     settings = compiler.Settings(
         target="cpu",
         dims={"batch": 2, "seq": 16},
-        options={"precision": "int8", "min_cosine": min_cosine},
+        flags={"precision": "int8", "min_cosine": min_cosine},
     )
     outcome = compiler.optimize(plain, settings, source="bert-base", output="int8.onnx")
     for record in outcome.report["passes"]:

@@ -24,9 +24,9 @@ from rich.table import Table
 
 from txcompile import compiler
 from txcompile.exporters import export_onnx, load_model_spec
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph import ort as rt
 from txcompile.runtime import bench as benchmark
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
 
 CLEANUP = ["fold-constants", "simplify-shapes", "remove-identity", "eliminate-cse", "remove-unused"]
 LN_PASSES = [*CLEANUP, "fuse-norms"]

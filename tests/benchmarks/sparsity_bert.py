@@ -24,12 +24,12 @@ from rich.console import Console
 from rich.table import Table
 
 from txcompile import compiler
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph import ort as rt
 from txcompile.pass_manager import APPLIED, PassManager
 from txcompile.passes.base import PassContext
 from txcompile.passes.sparsity import Prune, SparseMatMul
 from txcompile.runtime import bench
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
 
 SMALL_CONFIG = Path(__file__).resolve().parents[1] / "data" / "hf" / "bert"
 
@@ -73,7 +73,7 @@ def main() -> None:
         "precision": args.precision,
         "threads": args.threads,
     }
-    context = PassContext(feeds=feeds, options=options)
+    context = PassContext(feeds=feeds, flags=options)
     pruned = PassManager([Prune(context)]).run(model, feeds)
     prune_record = pruned.records[0]
     rewritten = PassManager([SparseMatMul(context)]).run(pruned.model, feeds)
@@ -92,7 +92,7 @@ def main() -> None:
             console.print(f"  dense: {layer['layer']} {layer.get('reason', '')}")
     candidates = [("dense", pruned.model), ("sparse-matmul", rewritten.model)]
     if args.pipeline:
-        settings = compiler.Settings(target="cpu", options=options)
+        settings = compiler.Settings(target="cpu", flags=options)
         whole = compiler.optimize(model, settings, source="bert", output="bert-sparse.onnx").model
         candidates.append(("pipeline", whole))
     table = Table(title=f"BERT end to end, {args.threads} threads, ORT CPU, {args.precision}")

@@ -27,11 +27,11 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 
+from txcompile.graph import ort as rt
 from txcompile.pass_manager import APPLIED, PassManager
 from txcompile.passes.base import PassContext
 from txcompile.passes.sparsity import Prune, SparseMatMul
 from txcompile.runtime import bench
-from txcompile.runtime import session as rt
 
 FULL = {"shapes": [(768, 3072), (3072, 768)], "tokens": [16, 512]}
 SMALL = {"shapes": [(128, 512), (512, 128)], "tokens": [16, 64]}
@@ -88,7 +88,7 @@ def rewrite(model: onnx.ModelProto, feeds, sparsity: float, block: str, precisio
         "sparse_decision": "always",
         "precision": precision,
     }
-    context = PassContext(feeds=feeds, options=options)
+    context = PassContext(feeds=feeds, flags=options)
     pruned = PassManager([Prune(context)]).run(model, feeds)
     result = PassManager([SparseMatMul(context)], atol=1e-4).run(pruned.model, feeds)
     record = result.records[0]

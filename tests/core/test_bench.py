@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from txcompile.graph import ort as rt
 from txcompile.runtime import bench
-from txcompile.runtime import session as rt
 
 
 def _identity_session():

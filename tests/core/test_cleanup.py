@@ -6,8 +6,8 @@ import pytest
 
 from tests.conftest import mlp_model
 from txcompile.pass_manager import APPLIED, UNCHANGED, PassManager
-from txcompile.passes import cleanup
 from txcompile.passes.base import PassContext
+from txcompile.passes.cleanup import simplify as cleanup
 
 FEEDS = {"x": np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)}
 

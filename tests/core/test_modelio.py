@@ -5,8 +5,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from txcompile import modelio
-from txcompile.errors import TxError
+from txcompile.graph import modelio
+from txcompile.graph.errors import TxError
 
 
 def test_load_valid(mlp_file):

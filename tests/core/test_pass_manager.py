@@ -3,9 +3,10 @@
 import numpy as np
 import onnx_ir as ir
 
+from txcompile.graph import ort as rt
+from txcompile.graph.nodes import PASS_KEY, RULE_KEY
 from txcompile.pass_manager import APPLIED, ROLLED_BACK, UNCHANGED, PassManager
-from txcompile.passes.base import PASS_KEY, RULE_KEY, PassContext, TxPass
-from txcompile.runtime import session as rt
+from txcompile.passes.base import PassContext, TxPass
 
 FEEDS = {"x": np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)}
 

@@ -18,8 +18,8 @@ HF_DATA = Path(__file__).resolve().parents[1] / "data" / "hf"
 def ort_vs_torch(result, torch_model, dims: dict[str, int], seed: int = 1) -> float:
     """Max |ORT - PyTorch| of an exported model on fresh inputs of the given sizes."""
     from txcompile.exporters.model import flatten_outputs
-    from txcompile.runtime.inputs import make_feeds, read_specs
-    from txcompile.runtime.session import create_session, run
+    from txcompile.graph.inputs import make_feeds, read_specs
+    from txcompile.graph.ort import create_session, run
 
     feeds = make_feeds(torch_model.inputs, torch_model.resolved_dims(dims), seed)
     assert read_specs(result.model)  # the metadata is readable

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from txcompile.exporters import BUILTINS, export_onnx, load_model_spec
-from txcompile.runtime.inputs import read_specs
+from txcompile.graph.inputs import read_specs
 
 from .conftest import ort_vs_torch
 

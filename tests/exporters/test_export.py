@@ -6,9 +6,9 @@ import onnx
 import pytest
 import torch
 
-from txcompile.errors import TxError
 from txcompile.exporters import TorchModel, export_onnx, torch_export
-from txcompile.runtime.inputs import InputSpec, read_specs
+from txcompile.graph.errors import TxError
+from txcompile.graph.inputs import InputSpec, read_specs
 
 from .conftest import ort_vs_torch
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from txcompile.errors import TxError
 from txcompile.exporters import export_onnx, load_model_spec
+from txcompile.graph.errors import TxError
 
 from .conftest import HF_DATA, ort_vs_torch
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from txcompile.errors import TxError
 from txcompile.exporters import BUILTINS, export_onnx, load_model_spec
 from txcompile.exporters.spec import infer_spec
-from txcompile.runtime.inputs import InputSpec
+from txcompile.graph.errors import TxError
+from txcompile.graph.inputs import InputSpec
 
 from .conftest import ort_vs_torch
 

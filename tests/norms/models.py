@@ -15,8 +15,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from txcompile.exporters import export_onnx, load_model_spec
-from txcompile.runtime import inputs as model_inputs
-from txcompile.runtime import session as rt
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph import ort as rt
 
 HF = Path(__file__).resolve().parents[1] / "data" / "hf"
 DIMS = {"batch": 2, "seq": 16}

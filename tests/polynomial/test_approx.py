@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.polynomial import chebyshev as cheb
 
-from txcompile.depth import depth_report
+from txcompile.graph import ort as rt
+from txcompile.graph.depth import depth_report
 from txcompile.passes.polynomial.approx import (
     LevelArith,
     NumpyArith,
@@ -22,7 +23,6 @@ from txcompile.passes.polynomial.approx import (
 from txcompile.passes.polynomial.emit import GraphBuilder, OnnxArith
 from txcompile.passes.polynomial.functions import erf, gelu_even, sigmoid_odd
 from txcompile.passes.polynomial.inverse import NewtonInverse, plan_inverse
-from txcompile.runtime import session as rt
 
 GELU = fit_to_tolerance("gelu", gelu_even, -8.0, 8.0, 1e-3, "even")
 TANH = fit_to_tolerance("tanh", np.tanh, -4.0, 4.0, 1e-3, "odd")

@@ -6,9 +6,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from txcompile.depth import depth_report, suggest_ckks
-from txcompile.errors import TxError
-from txcompile.passes.polynomial.contract import violations
+from txcompile.graph.ckks import violations
+from txcompile.graph.depth import depth_report, suggest_ckks
+from txcompile.graph.errors import TxError
 
 from .graphs import linear, model, out, polynomial, weight, x_input
 

@@ -10,9 +10,9 @@ import pytest
 
 from txcompile import compiler
 from txcompile.cli import main
-from txcompile.errors import TxError
 from txcompile.exporters import export_onnx, load_model_spec
-from txcompile.runtime.inputs import make_feeds, read_specs
+from txcompile.graph.errors import TxError
+from txcompile.graph.inputs import make_feeds, read_specs
 
 pytest.importorskip("tenseal")
 from txcompile.runtime.he import run_encrypted  # noqa: E402
@@ -23,7 +23,7 @@ BLOCKS = Path(__file__).with_name("blocks.py")
 def _polynomial_block(factory: str, **options) -> onnx.ModelProto:
     torch_model = load_model_spec(f"{BLOCKS}:{factory}")
     exported = export_onnx(torch_model, dims={"batch": 1, "seq": 2}, dynamic=False)
-    settings = compiler.Settings(target="he", options=options)
+    settings = compiler.Settings(target="he", flags=options)
     return compiler.optimize(exported.model, settings, source=factory, output="unused.onnx").model
 
 

@@ -7,13 +7,13 @@ import pytest
 
 from txcompile import compiler
 from txcompile.exporters import export_onnx, load_model_spec
-from txcompile.passes.polynomial.contract import violations
+from txcompile.graph.ckks import violations
 
 
 def _he(spec: str, **options):
     torch_model = load_model_spec(spec)
     exported = export_onnx(torch_model, dims={"batch": 2, "seq": 16}, dynamic=False)
-    settings = compiler.Settings(target="he", options=options)
+    settings = compiler.Settings(target="he", flags=options)
     return compiler.optimize(exported.model, settings, source=spec, output="unused.onnx")
 
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from txcompile.passes.polynomial.contract import violations
+from txcompile.graph.ckks import violations
 
 from .sentences import CALIBRATION, EVALUATION
 
@@ -23,7 +23,7 @@ def test_minilm_sentence_embeddings_keep_cosine(tmp_path):
 
     from txcompile import compiler
     from txcompile.exporters import export_onnx, load_model_spec
-    from txcompile.runtime import session as rt
+    from txcompile.graph import ort as rt
 
     assert len(EVALUATION) >= 50 and not set(EVALUATION) & set(CALIBRATION)
     tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
@@ -41,7 +41,7 @@ def test_minilm_sentence_embeddings_keep_cosine(tmp_path):
     first = {k: v[:BATCH] for k, v in evaluation.items()}
     np.savez(tmp_path / "first.npz", **first)
     settings = compiler.Settings(
-        target="he", inputs_npz=str(tmp_path / "first.npz"), options={"calib": str(calib)}
+        target="he", inputs_npz=str(tmp_path / "first.npz"), flags={"calib": str(calib)}
     )
     outcome = compiler.optimize(exported.model, settings, source="all-MiniLM-L6-v2", output="unused.onnx")
     assert violations(ir.serde.deserialize_model(outcome.model).graph) == []

@@ -7,9 +7,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from txcompile.depth import node_levels
-from txcompile.errors import TxError
-from txcompile.passes.polynomial.contract import CONTRACT
+from txcompile.graph.ckks import CONTRACT
+from txcompile.graph.depth import node_levels
+from txcompile.graph.errors import TxError
 
 from .graphs import HIDDEN, linear, model, op_types, out, polynomial, weight, x_input
 

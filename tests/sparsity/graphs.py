@@ -126,13 +126,13 @@ def apply(pass_classes, model: onnx.ModelProto, feeds: dict, **options):
     from txcompile.pass_manager import PassManager
     from txcompile.passes.base import PassContext
 
-    context = PassContext(feeds=feeds, options=options)
+    context = PassContext(feeds=feeds, flags=options)
     result = PassManager([cls(context) for cls in pass_classes]).run(model, feeds)
     return result.records, result.model
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    from txcompile.runtime import session as rt
+    from txcompile.graph import ort as rt
 
     return list(rt.run(rt.create_session(model), feeds).values())
 

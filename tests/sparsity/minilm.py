@@ -120,7 +120,7 @@ def tokenize(sentences: list[str], input_names: list[str]) -> dict[str, np.ndarr
 
 def embeddings(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """Mean pooling over real tokens, then L2 normalization (sentence-transformers' recipe)."""
-    from txcompile.runtime import session as rt
+    from txcompile.graph import ort as rt
 
     hidden = next(iter(rt.run(rt.create_session(model), feeds).values())).astype(np.float64)
     mask = feeds["attention_mask"][..., None].astype(np.float64)
@@ -134,7 +134,7 @@ def pruned_model(model, calib_feeds, sparsity: float, score: str, block: str) ->
     from txcompile.passes.sparsity import Prune
 
     options = {"sparsity": sparsity, "prune_score": score, "block": block, "balanced": True}
-    result = PassManager([Prune(PassContext(feeds=calib_feeds, options=options))]).run(model, calib_feeds)
+    result = PassManager([Prune(PassContext(feeds=calib_feeds, flags=options))]).run(model, calib_feeds)
     assert result.records[0].status == APPLIED, result.records[0].reason
     return result.model
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.sparsity import graphs
-from txcompile.errors import TxError
+from txcompile.graph.errors import TxError
 from txcompile.pass_manager import APPLIED, UNCHANGED
 from txcompile.passes.base import PassContext
 from txcompile.passes.sparsity import Prune, SparseMatMul, prune
@@ -114,7 +114,7 @@ def test_missing_target_is_bad_input():
 )
 def test_bad_options_are_refused_before_running(options):
     with pytest.raises(TxError):
-        Prune(PassContext(options={"sparsity": 0.5, **options}))
+        Prune(PassContext(flags={"sparsity": 0.5, **options}))
 
 
 def test_select_per_column_and_global():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from txcompile.runtime import inputs
+from txcompile.graph import inputs
 
 
 @pytest.fixture(scope="session")

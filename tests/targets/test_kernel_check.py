@@ -8,7 +8,7 @@ from onnx import TensorProto
 
 from txcompile import render
 from txcompile.passes.base import PassContext
-from txcompile.passes.kernel_check import KernelCheck, value_dtypes
+from txcompile.passes.targets.kernel_check import KernelCheck, value_dtypes
 
 from .graphs import contrib, linear_block
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from txcompile import kernels
+from txcompile.graph import kernels
 
 from .graphs import make, tensor
 

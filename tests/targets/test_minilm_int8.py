@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from txcompile import compiler
-from txcompile.runtime import session as rt
+from txcompile.graph import ort as rt
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -115,7 +115,7 @@ def test_minilm_int8_sentence_embeddings_match_fp32(tmp_path):
     settings = compiler.Settings(
         target="cpu",
         inputs_npz=str(tmp_path / "sentences.npz"),
-        options={"precision": "int8", "min_cosine": 0.995, "calib": str(tmp_path / "calibration.npz")},
+        flags={"precision": "int8", "min_cosine": 0.995, "calib": str(tmp_path / "calibration.npz")},
     )
     outcome = compiler.optimize(exported, settings, source=folder, output="minilm-int8.onnx")
     quantize = next(r for r in outcome.report["passes"] if r["name"] == "quantize")

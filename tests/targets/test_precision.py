@@ -8,12 +8,13 @@ import onnx_ir as ir
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from txcompile import kernels, pipelines
-from txcompile.errors import TxError
+from txcompile import pipelines
+from txcompile.graph import kernels
+from txcompile.graph import ort as rt
+from txcompile.graph.errors import TxError
 from txcompile.passes.base import PassContext
-from txcompile.passes.kernel_check import missing_kernels
-from txcompile.passes.precision import Precision
-from txcompile.runtime import session as rt
+from txcompile.passes.targets.kernel_check import missing_kernels
+from txcompile.passes.targets.precision import Precision
 
 from .graphs import linear_block, rms_norm, shared_intermediate
 

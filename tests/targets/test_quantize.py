@@ -12,11 +12,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from txcompile.cli import main
-from txcompile.errors import TxError
-from txcompile.passes import int8_matmul
+from txcompile.graph import ort as rt
+from txcompile.graph.errors import TxError
 from txcompile.passes.base import PassContext
-from txcompile.passes.quantize import Int8Plan, Quantize, cosine, quantizable_matmuls
-from txcompile.runtime import session as rt
+from txcompile.passes.targets import int8_matmul
+from txcompile.passes.targets.quantize import Int8Plan, Quantize, cosine, quantizable_matmuls
 
 from .graphs import linear_block, make, tensor, weight
 

@@ -20,19 +20,19 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from txcompile import compiler, kernels, pipelines
+from txcompile import compiler, pipelines
 from txcompile.cli import main
+from txcompile.graph import inputs, kernels
+from txcompile.graph import ort as rt
 from txcompile.pass_manager import PassManager
+from txcompile.passes.attention.remove_padding import RemovePadding
 from txcompile.passes.base import PassContext
-from txcompile.passes.kernel_check import missing_kernels
-from txcompile.passes.precision import Precision
-from txcompile.passes.remove_padding import RemovePadding
-from txcompile.runtime import inputs
-from txcompile.runtime import session as rt
+from txcompile.passes.targets.kernel_check import missing_kernels
+from txcompile.passes.targets.precision import Precision
 
 
 def optimized(model, passes=None, **options):
-    settings = compiler.Settings(target="cpu", passes=passes, dims={"batch": 2, "seq": 16}, options=options)
+    settings = compiler.Settings(target="cpu", passes=passes, dims={"batch": 2, "seq": 16}, flags=options)
     outcome = compiler.optimize(model, settings, source="tiny-bert", output="x.onnx")
     assert outcome.passed is not False
     return outcome

@@ -16,6 +16,7 @@ Approximate: reports the cosine and the largest difference against fp32.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -23,17 +24,32 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from txcompile.errors import TxError
-from txcompile.passes import int8_matmul
-from txcompile.passes.attention_shapes import probe_values
+from txcompile.graph import ort as rt
+from txcompile.graph.errors import TxError
+from txcompile.graph.probe import probe_values
 from txcompile.passes.base import TxPass
-from txcompile.passes.precision import requested_precision
 from txcompile.passes.sparsity.calibration import calibration_feeds
 from txcompile.passes.sparsity.linears import Linear, find_linears
-from txcompile.runtime import session as rt
+from txcompile.passes.targets import int8_matmul
+from txcompile.passes.targets.precision import requested_precision
 
 INT4_BLOCK = 32
 MIN_OPSET = 15  # Shape with start/end
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    precision: str | None = None
+    min_cosine: float | None = None  # keep the linears fp32 whose output cosine would fall below
+    int8_activations: str = "auto"
+    calib: str | None = None  # an .npz of calibration inputs
+
+    def __post_init__(self) -> None:
+        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
+            raise TxError(f"--min-cosine {self.min_cosine}: must be in (0, 1]")
+        if self.int8_activations not in int8_matmul.ACTIVATION_MODES:
+            modes = ", ".join(int8_matmul.ACTIVATION_MODES)
+            raise TxError(f"--int8-activations {self.int8_activations}: choose one of {modes}")
 
 
 class Quantize(TxPass):
@@ -43,17 +59,13 @@ class Quantize(TxPass):
         "sensitive ones fp32 on request"
     )
     exact = False
+    Options = QuantizeOptions
 
     def __init__(self, context=None) -> None:
         super().__init__(context)
-        self.precision = requested_precision(self.context)
-        self.min_cosine = self.context.options.get("min_cosine")
-        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
-            raise TxError(f"--min-cosine {self.min_cosine}: must be in (0, 1]")
-        self.activations = self.context.options.get("int8_activations") or "auto"
-        if self.activations not in int8_matmul.ACTIVATION_MODES:
-            modes = ", ".join(int8_matmul.ACTIVATION_MODES)
-            raise TxError(f"--int8-activations {self.activations}: choose one of {modes}")
+        self.precision = requested_precision(self.options.precision, self.context.target)
+        self.min_cosine = self.options.min_cosine
+        self.activations = self.options.int8_activations
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.precision not in ("int8", "int4"):
@@ -71,7 +83,7 @@ class Quantize(TxPass):
         feeds = self.context.feeds
         reference = rt.run(rt.create_session(original), feeds) if feeds else None
         if self.precision == "int8":
-            calib = self.context.options.get("calib")
+            calib = self.options.calib
             calib_feeds = calibration_feeds(original, calib, feeds)[0] if calib else feeds
             plan = Int8Plan(original, candidates, calib_feeds, mode=self.activations)
             build = plan.build

@@ -22,15 +22,17 @@ kernels (encoders); ``--remove-padding`` asks for it anywhere, the CPU included.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.passes.attention_gqa import BLOCKED, padding_input
-from txcompile.passes.attention_shapes import probe_values
-from txcompile.passes.base import TxPass, op_key
-from txcompile.runtime.session import PADDED_OUTPUTS_KEY
+from txcompile.graph.nodes import op_key
+from txcompile.graph.ort import PADDED_OUTPUTS_KEY
+from txcompile.graph.probe import probe_values
+from txcompile.passes.attention.gqa import BLOCKED, padding_input
+from txcompile.passes.base import TxPass
 
 MS = "com.microsoft"
 # Ops whose output row depends only on the same input row (other operands constant vectors).
@@ -62,12 +64,18 @@ PACKED_ATTRIBUTES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class RemovePaddingOptions:
+    remove_padding: bool | None = None  # None: on for the gpu target's encoders
+
+
 class RemovePadding(TxPass):
     name = "remove-padding"
     summary = "per-token work on real tokens only (outputs 0 at padding); packed attention on the GPU"
+    Options = RemovePaddingOptions
 
     def enabled(self) -> bool:
-        asked = self.context.options.get("remove_padding")
+        asked = self.options.remove_padding
         return asked if asked is not None else self.context.target == "gpu"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -104,7 +112,7 @@ class RemovePadding(TxPass):
         if not any(op_key(n) in ("MatMul", "Gemm") for n in plan.region):
             self.details["note"] = "no per-token matrix product would run on real tokens only"
             return
-        if self.context.options.get("remove_padding") is None and not plan.packed_attention:
+        if self.options.remove_padding is None and not plan.packed_attention:
             # the gpu default is for encoders: a decoder's causal attention would swap layouts twice a layer
             self.details["note"] = (
                 "no attention site fits the packed kernels (--remove-padding forces the rest)"

@@ -14,8 +14,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from txcompile.graph.shapes import infer_shapes
 from txcompile.passes.base import TxPass
-from txcompile.passes.norm_common import (
+from txcompile.passes.norms.common import (
     NORM_OPS,
     constant,
     describe,
@@ -24,7 +25,6 @@ from txcompile.passes.norm_common import (
     new_initializer,
     set_constant_input,
 )
-from txcompile.passes.norm_shapes import infer_shapes
 
 # where gamma and beta sit in each norm op's inputs
 AFFINE_INPUTS = {

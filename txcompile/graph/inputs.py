@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from txcompile.errors import TxError
+from txcompile.graph.errors import TxError
 
 METADATA_KEY = "txcompile.inputs"
 DEFAULT_DIMS = {"batch": 2, "seq": 16}

@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.passes.norm_common import constant, describe, is_op, last_dim, reduces_last_axis, scalar
+from txcompile.passes.norms.common import constant, describe, is_op, last_dim, reduces_last_axis, scalar
 
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 

@@ -23,9 +23,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from txcompile.passes import norm_affine
+from txcompile.graph.shapes import infer_shapes
 from txcompile.passes.base import TxPass
-from txcompile.passes.norm_common import (
+from txcompile.passes.norms import affine as norm_affine
+from txcompile.passes.norms.common import (
     NORM_OPS,
     constant,
     describe,
@@ -36,8 +37,7 @@ from txcompile.passes.norm_common import (
     rank,
     set_constant_input,
 )
-from txcompile.passes.norm_shapes import infer_shapes
-from txcompile.passes.norms import fuse_decomposed, unique_node_name
+from txcompile.passes.norms.fuse import fuse_decomposed, unique_node_name
 
 RMS_NORM_OPSET = 23
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.passes.attention_shapes import Shapes
-from txcompile.passes.attention_sites import Site
+from txcompile.graph.probe import Shapes
+from txcompile.passes.attention.sites import Site
 
 BLOCKED = -1e4  # an additive bias at or below this blocks the key (exporters write -inf or dtype min)
 

@@ -14,7 +14,7 @@ import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
 
-from txcompile.runtime import session as rt
+from txcompile.graph import ort as rt
 
 
 def static_shape(value: ir.Value) -> tuple[int, ...] | None:

@@ -23,8 +23,7 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.passes.base import TxPass
-from txcompile.passes.polynomial.contract import ciphertext_values, constant_array, is_constant
+from txcompile.graph.ckks import ciphertext_values, constant_array, is_constant
 
 # Largest total coefficient-modulus bits per ring degree at 128-bit security (HE standard).
 MAX_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -134,16 +133,3 @@ def depth_report(model: ir.Model, budget: int | None = None, scale_bits: int = 4
             "sites": len(frontier),
         }
     return report
-
-
-class HeDepth(TxPass):
-    name = "he-depth"
-    summary = "multiplicative depth, critical path, mult counts and CKKS parameters (no change)"
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        budget = self.context.options.get("level_budget")
-        report = depth_report(model, budget)
-        report.pop("nodes")
-        self.details.update(report)
-        self.rule_counts["depth"] = report["depth"]
-        return ir.passes.PassResult(model, False)

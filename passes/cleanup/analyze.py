@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from txcompile import analysis
-from txcompile.passes.base import TxPass, op_histogram
+from txcompile.graph.nodes import op_histogram
+from txcompile.passes.base import TxPass
+from txcompile.passes.cleanup import analysis
 
 
 class Analyze(TxPass):

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, gelu
 
-from txcompile.passes.attention_sites import scalar_constant
+from txcompile.passes.attention.sites import scalar_constant
 from txcompile.passes.base import TxPass
 from txcompile.passes.rewriting import apply_rules
 

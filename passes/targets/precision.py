@@ -1,7 +1,7 @@
 """Precision: run the graph in fp16 or bf16 where the target has kernels and numerics allow.
 
 GPUs are fast in half precision; the CUDA EP has fp16 kernels for nearly every transformer op.
-Each node is decided in graph order against the target's kernel table (txcompile.kernels), so
+Each node is decided in graph order against the target's kernel table (txcompile.graph.kernels), so
 an op with no half-precision kernel there stays fp32 instead of falling back or failing:
 
 - ops whose numerics need fp32 (powers, reductions, square roots, exp/log, cos/sin of RoPE
@@ -19,16 +19,18 @@ Approximate: the pass manager reports the drift against the fp32 graph.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from txcompile import kernels
-from txcompile.errors import TxError
-from txcompile.passes.base import TxPass, op_key
-from txcompile.passes.kernel_check import _version, value_dtypes
+from txcompile.graph import kernels
+from txcompile.graph.errors import TxError
+from txcompile.graph.nodes import op_key
+from txcompile.passes.base import TxPass
+from txcompile.passes.targets.kernel_check import _version, value_dtypes
 
 LOW = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
 CHOICES = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -56,24 +58,31 @@ TYPED_BY_ATTRIBUTE = {"Cast", "CastLike", "Constant", "ConstantOfShape", "EyeLik
 TYPED_BY_ATTRIBUTE |= {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"}
 
 
-def requested_precision(context) -> str:
+def requested_precision(asked: str | None, target: str) -> str:
     """The precision the user asked for, or the target's default; bad combinations exit 2."""
-    precision = context.options.get("precision") or DEFAULT_PRECISION.get(context.target, "fp32")
+    precision = asked or DEFAULT_PRECISION.get(target, "fp32")
     if precision not in CHOICES:
         raise TxError(f"--precision {precision}: choose one of {', '.join(CHOICES)}")
-    if precision == "int8" and context.target != "cpu":
+    if precision == "int8" and target != "cpu":
         raise TxError("--precision int8 is for --target cpu (dynamic int8 MatMul kernels are CPU-only)")
     return precision
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionOptions:
+    precision: str | None = None  # None: the target's default
+    low_precision_io: bool = False  # graph inputs/outputs in fp16/bf16 too
 
 
 class Precision(TxPass):
     name = "precision"
     summary = "fp16/bf16 where the target has kernels and numerics allow; fp32 graph inputs/outputs"
     exact = False
+    Options = PrecisionOptions
 
     def __init__(self, context=None) -> None:
         super().__init__(context)
-        self.precision = requested_precision(self.context)
+        self.precision = requested_precision(self.options.precision, self.context.target)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.precision not in LOW:
@@ -83,7 +92,7 @@ class Precision(TxPass):
             model,
             LOW[self.precision],
             kernels.table_for(self.context.device),
-            keep_io=not self.context.options.get("low_precision_io"),
+            keep_io=not self.options.low_precision_io,
         )
         converter.run()
         self.tag(converter.casts, "insert-cast")

@@ -20,10 +20,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from txcompile.passes import norm_affine
+from txcompile.graph.shapes import infer_shapes
 from txcompile.passes.base import TxPass
-from txcompile.passes.norm_common import constant, is_op, new_initializer, rank, set_constant_input
-from txcompile.passes.norm_shapes import infer_shapes
+from txcompile.passes.norms import affine as norm_affine
+from txcompile.passes.norms.common import constant, is_op, new_initializer, rank, set_constant_input
 
 
 def bn_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:

@@ -11,7 +11,8 @@ import onnx_ir.passes.common as common
 import onnxscript.optimizer
 from onnxscript.rewriter.rules import common as rules
 
-from txcompile.passes.base import TxPass, all_nodes
+from txcompile.graph.nodes import all_nodes
+from txcompile.passes.base import TxPass
 from txcompile.passes.rewriting import apply_rules
 
 SHAPE_RULES = {

@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from txcompile.errors import TxError
+from txcompile.graph.errors import TxError
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # models this large keep their weights in a .data file
 EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors stay inline even then

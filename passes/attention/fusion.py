@@ -20,12 +20,12 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from txcompile.errors import TxError
-from txcompile.passes import attention_gqa as gqa
-from txcompile.passes.attention_shapes import Shapes, probe_shapes, probe_values
-from txcompile.passes.attention_sites import BiasTerm, Site, find_sites
+from txcompile.graph.errors import TxError
+from txcompile.graph.probe import Shapes, probe_shapes, probe_values
+from txcompile.passes.attention import gqa as gqa
+from txcompile.passes.attention.sites import BiasTerm, Site, find_sites
 from txcompile.passes.base import TxPass
-from txcompile.passes.precision import requested_precision
+from txcompile.passes.targets.precision import requested_precision
 
 ATTENTION_OPS = ("ms", "onnx", "gqa")
 MS_DOMAIN = "com.microsoft"
@@ -114,14 +114,23 @@ def neighbourhood(site: Site) -> list[ir.Value]:
     return [v for v in values if v is not None]
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    attention_op: str = "ms"  # ms: MultiHeadAttention / Attention; onnx: ONNX Attention; gqa
+    precision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention_op not in ATTENTION_OPS:
+            raise TxError(f"--attention-op {self.attention_op!r}: choose one of {', '.join(ATTENTION_OPS)}")
+
+
 class FuseAttention(TxPass):
     name = "fuse-attention"
     summary = "fuse every Softmax-between-two-MatMuls site into MultiHeadAttention, ONNX Attention or GQA"
+    Options = AttentionOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        op_choice = self.context.options.get("attention_op") or "ms"
-        if op_choice not in ATTENTION_OPS:
-            raise TxError(f"--attention-op {op_choice!r}: choose one of {', '.join(ATTENTION_OPS)}")
+        op_choice = self.options.attention_op
         graph = model.graph
         opset = model.opset_imports.get("", 1)
         sites = find_sites(graph, opset)
@@ -195,7 +204,7 @@ class FuseAttention(TxPass):
             if packed is not None:
                 length = b.op("Shape", [packed[0]], {"start": 1, "end": 2})
                 attention_bias = self._attention_bias(site, layout, shapes, b, length, length)
-                int8 = requested_precision(self.context) == "int8"
+                int8 = requested_precision(self.options.precision, self.context.target) == "int8"
                 emit = self._emit_packed_matmul if int8 else self._emit_packed
                 return emit(site, layout, shapes, b, packed, packed_bias, attention_bias)
             key_length = b.op("Shape", [key], {"start": 1, "end": 2})

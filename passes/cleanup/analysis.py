@@ -12,7 +12,7 @@ import math
 import numpy as np
 import onnx
 
-from txcompile.runtime import session as rt
+from txcompile.graph import ort as rt
 
 _ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 

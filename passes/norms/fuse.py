@@ -20,9 +20,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from txcompile.passes import norm_match
+from txcompile.graph.shapes import infer_shapes
 from txcompile.passes.base import TxPass
-from txcompile.passes.norm_common import (
+from txcompile.passes.norms import match as norm_match
+from txcompile.passes.norms.common import (
     constant,
     describe,
     is_op,
@@ -31,7 +32,6 @@ from txcompile.passes.norm_common import (
     raise_opset,
     site_name,
 )
-from txcompile.passes.norm_shapes import infer_shapes
 
 LAYER_NORM_OPSET = 17
 RMS_NORM_OPSET = 23

@@ -3,7 +3,7 @@
 ONNX Runtime loads a graph with an op it has no CUDA kernel for and silently runs that op on
 the CPU (two copies per call); on the CPU a missing kernel fails the load. Rewrites that are
 right for one provider (GroupQueryAttention, BiasSoftmax, fp16 MatMul) are wrong for another,
-so the last pass of every pipeline checks the graph against txcompile.kernels and reports
+so the last pass of every pipeline checks the graph against txcompile.graph.kernels and reports
 each op that would fall back, with the reason. It changes nothing.
 """
 
@@ -13,8 +13,9 @@ import collections
 
 import onnx_ir as ir
 
-from txcompile import kernels
-from txcompile.passes.base import TxPass, op_key
+from txcompile.graph import kernels
+from txcompile.graph.nodes import op_key
+from txcompile.passes.base import TxPass
 
 SKIPPED = {("ai.onnx", "Constant")}  # ORT turns these into initializers; no kernel runs
 LISTED = 50

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import onnx
 
-from txcompile.errors import TxError
+from txcompile.graph.errors import TxError
 
-CUDA_TABLE = Path(__file__).parent / "data" / "cuda_kernels_ort_1.2x.json"
+CUDA_TABLE = Path(__file__).parent.parent / "data" / "cuda_kernels_ort_1.2x.json"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPEN = 2**31 - 1  # ORT's "and every later opset"
 DEFAULT_DOMAIN = "ai.onnx"

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from txcompile.passes.attention_shapes import Shapes, probe_shapes
+from txcompile.graph.probe import Shapes, probe_shapes
 from txcompile.passes.base import TxPass
 
 MS_DOMAIN = "com.microsoft"

@@ -1,0 +1,28 @@
+"""Node-level facts every layer reads: who made a node (metadata keys), op names, traversal."""
+
+from __future__ import annotations
+
+import collections
+
+import onnx_ir as ir
+
+RULE_KEY = "txcompile.rule"
+PASS_KEY = "txcompile.pass"
+
+
+def all_nodes(model: ir.Model) -> list[ir.Node]:
+    """Every node, subgraphs and functions included."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for function in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    return nodes
+
+
+def op_key(node: ir.Node) -> str:
+    """``MatMul`` for the default domain, ``com.microsoft.Attention`` otherwise."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    counts = collections.Counter(op_key(n) for n in ir.traversal.RecursiveGraphIterator(model.graph))
+    return dict(sorted(counts.items()))
