@@ -38,6 +38,7 @@ class SiteRecord:
     op: str | None = None
     reason: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # family facts (mask, form, ...)
+    score: int = 0  # a near miss: how far the pattern matched (onnxscript's MatchInfo.score); not reported
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -139,18 +140,27 @@ class PatternRule:
         created = [n for n in all_nodes(model) if id(n) not in before] if applied else []
         return applied, created
 
-    def near_misses(self, model: ir.Model) -> list[SiteRecord]:
-        """Sites that matched part of the pattern, with the reason the rest failed (no change)."""
+    def near_misses(self, model: ir.Model, complete: bool = False) -> list[SiteRecord]:
+        """Sites that matched part of the pattern, with the reason the rest failed (no change).
+
+        ``complete``: only sites that failed the check or matched the pattern's nodes but at most
+        one (a shared intermediate, a constant off by a little), not every partial match — a
+        rule for ``Add(x, 0)`` would otherwise list every Add.
+        """
         tracer = pattern.MatchingTracer()
         pattern.RewriteRuleSet([self.rule]).apply_to_model(model, tracer=tracer)
+        target = getattr(self.rule, "_target_pattern", None)
+        whole = max(2, target.num_nodes() - 1) if target is not None else 0
         records = []
         for infos in tracer.best_matches_map.values():
             for info in infos:
                 if info.status.name == "SUCCESS":
                     continue
+                if complete and info.status.name == "NO_MATCH" and len(info.match_result.nodes) < whole:
+                    continue
                 reason = info.match_result.reason or info.status.name.lower().replace("_", " ")
                 site = info.root_node.name or info.root_node.outputs[0].name
-                records.append(SiteRecord(site, self.name, UNFUSED, reason=reason))
+                records.append(SiteRecord(site, self.name, UNFUSED, reason=reason, score=info.score()))
         return records
 
 

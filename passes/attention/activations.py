@@ -11,15 +11,16 @@ SiLU-gated MLPs (LLaMA) stay as they are: ORT has no fp32 CPU kernel for a gated
 
 from __future__ import annotations
 
+import collections
+
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, gelu
 
-from txcompile.passes.attention.sites import scalar_constant
+from txcompile.graph.constants import constant_scalar
+from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.passes.base import TxPass
-from txcompile.passes.rewriting import apply_rules
-
-MS = "com.microsoft"
+from txcompile.passes.rules import FUSED, PatternRule, SiteRecord, apply_patterns
 
 
 class TanhGeluToFastGelu(pattern.RewriteRuleClassBase):
@@ -35,7 +36,7 @@ class TanhGeluToFastGelu(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, **_):
-        return op.FastGelu(x, _domain=MS)
+        return op.FastGelu(x, _domain=MS_DOMAIN)
 
 
 class TanhGeluHalfFirst(pattern.RewriteRuleClassBase):
@@ -50,20 +51,20 @@ class TanhGeluHalfFirst(pattern.RewriteRuleClassBase):
         expected = {"half": (half, 0.5), "cube": (cube_scale, 0.044715), "outer": (outer_scale, 0.7978845608)}
         expected["one"] = (one, 1.0)
         for name, (value, wanted) in expected.items():
-            found = scalar_constant(value)
+            found = constant_scalar(value)
             if found is None or abs(found - wanted) > 1e-6:
                 return result.fail(f"{name} constant is {found}, not {wanted}", value)
         return result
 
     def rewrite(self, op, x, **_):
-        return op.FastGelu(x, _domain=MS)
+        return op.FastGelu(x, _domain=MS_DOMAIN)
 
 
 class FastGeluBias(pattern.RewriteRuleClassBase):
     """FastGelu(x + b) with b a 1-D constant → FastGelu(x, b)."""
 
     def pattern(self, op, x, bias):
-        return op.FastGelu(op.Add(x, bias), _domain=MS)
+        return op.FastGelu(op.Add(x, bias), _domain=MS_DOMAIN)
 
     def check(self, context, x, bias, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
@@ -74,7 +75,7 @@ class FastGeluBias(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, bias, **_):
-        return op.FastGelu(x, bias, _domain=MS)
+        return op.FastGelu(x, bias, _domain=MS_DOMAIN)
 
 
 class QuickGelu(pattern.RewriteRuleClassBase):
@@ -85,7 +86,7 @@ class QuickGelu(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, alpha, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        value = scalar_constant(alpha)
+        value = constant_scalar(alpha)
         if value is None:
             return result.fail("the sigmoid's scale is not a scalar constant", alpha)
         if value == 1.0:
@@ -93,7 +94,7 @@ class QuickGelu(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, alpha, **_):
-        return op.QuickGelu(x, alpha=scalar_constant(alpha), _domain=MS)
+        return op.QuickGelu(x, alpha=constant_scalar(alpha), _domain=MS_DOMAIN)
 
 
 def _commuted(rule_class, name: str) -> dict[str, pattern.RewriteRule]:
@@ -113,19 +114,47 @@ RULES: dict[str, pattern.RewriteRule] = {
 }
 
 
+PATTERNS = tuple(PatternRule(name, rule) for name, rule in RULES.items())
+
+
 def _family(rule_name: str) -> str:
     """``bias-gelu-2`` → ``bias-gelu``: variants of one rule count together in the report."""
     head, _, tail = rule_name.rpartition("-")
     return head if tail.isdigit() else rule_name
 
 
+def _near_misses(model: ir.Model, fused: set[tuple[str, str]]) -> list[SiteRecord]:
+    """One record per site and rule family: the variant that matched furthest gives the reason."""
+    best: dict[tuple[str, str], SiteRecord] = {}
+    for miss in (miss for rule in PATTERNS for miss in rule.near_misses(model, complete=True)):
+        miss.rule = _family(miss.rule)
+        key = (miss.site, miss.rule)
+        if key not in fused and (key not in best or miss.score > best[key].score):
+            best[key] = miss
+    return list(best.values())
+
+
 class FuseActivations(TxPass):
+    """Applies the patterns one at a time: nodes keep their variant's name (``bias-gelu-1``),
+    counts and site records the family's; near misses are listed with the tracer's reason."""
+
     name = "fuse-activations"
     summary = "GELU formulas → Gelu / FastGelu, bias folded (BiasGelu), x·sigmoid(1.702x) → QuickGelu"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        for rule_name, count in apply_rules(model, RULES).items():
-            self.rule_counts[_family(rule_name)] += count
+        records = apply_patterns(self, model, PATTERNS)
+        for record in records:
+            record.rule = _family(record.rule)
+        records += _near_misses(model, {(r.site, r.rule) for r in records})
+        variants, self.rule_counts = self.rule_counts, collections.Counter()
+        for variant, count in variants.items():
+            self.rule_counts[_family(variant)] += count
+        fused = sum(record.status == FUSED for record in records)
+        self.details = {
+            "sites": [r.as_dict() for r in records],
+            "fused": fused,
+            "unfused": len(records) - fused,
+        }
         left = [n.op_type for n in model.graph if n.op_type in ("Erf", "Tanh") and n.domain == ""]
         if left:
             self.details["left_alone"] = {

@@ -1,4 +1,5 @@
-"""When an attention site may become com.microsoft.GroupQueryAttention, and with what K/V.
+"""When an attention site may become com.microsoft.GroupQueryAttention, and with what K/V
+(the checks behind the ``gqa`` lowering rule in lower_gqa.py).
 
 GroupQueryAttention reads K/V with their own (fewer) heads and applies the causal mask itself,
 plus the padding as one valid length per row (``seqlens_k``) — right padding, as ORT's kernel
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from txcompile.graph.constants import constant_array
 from txcompile.graph.probe import Shapes
 from txcompile.passes.attention.sites import Site
 
@@ -45,8 +47,8 @@ def unrepeated(value: ir.Value, batch: int, heads: int, keys: int, head_dim: int
 def _axes_are(unsqueeze: ir.Node, axes: list[int]) -> bool:
     """Unsqueeze's axes: an input since opset 13, an attribute before."""
     if len(unsqueeze.inputs) > 1 and unsqueeze.inputs[1] is not None:
-        tensor = ir.convenience.get_const_tensor(unsqueeze.inputs[1])
-        return tensor is not None and tensor.numpy().tolist() == axes
+        array = constant_array(unsqueeze.inputs[1])
+        return array is not None and array.tolist() == axes
     attribute = unsqueeze.attributes.get_ints("axes")
     return attribute is not None and list(attribute) == axes
 

@@ -9,6 +9,7 @@ product (torch's sdpa decomposition splits √scale over both) are absorbed too.
 
 Every Softmax becomes a :class:`Site`; one that does not read as attention keeps the first
 check that failed in ``reason``, so the coverage report can say why it stayed unfused.
+This is the structural half of the read rule; read.py adds shapes and layout.
 """
 
 from __future__ import annotations

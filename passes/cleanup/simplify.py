@@ -13,7 +13,7 @@ from onnxscript.rewriter.rules import common as rules
 
 from txcompile.graph.nodes import all_nodes
 from txcompile.passes.base import TxPass
-from txcompile.passes.rewriting import apply_rules
+from txcompile.passes.rules import FUSED, PatternRule, apply_patterns
 
 SHAPE_RULES = {
     "add-zero": rules.add_0_rule,
@@ -43,6 +43,7 @@ SHAPE_RULES = {
         for i, rule in enumerate(rules.expand_before_binary_op_rules.rules)
     },
 }
+PATTERNS = tuple(PatternRule(name, rule) for name, rule in SHAPE_RULES.items())
 
 
 class FoldConstants(TxPass):
@@ -63,7 +64,13 @@ class SimplifyShapes(TxPass):
     summary = "drop no-op arithmetic, casts, expands; merge reshape/slice/transpose chains"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.rule_counts.update(apply_rules(model, SHAPE_RULES))
+        records = apply_patterns(self, model, PATTERNS)  # no near misses: every Add is one for add-zero
+        fused = sum(record.status == FUSED for record in records)
+        self.details = {
+            "sites": [r.as_dict() for r in records],
+            "fused": fused,
+            "unfused": len(records) - fused,
+        }
         return ir.passes.PassResult(model, bool(self.rule_counts))
 
 

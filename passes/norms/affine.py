@@ -1,10 +1,9 @@
 """fold-norm-affine: a norm read only by linear layers gives its scale and shift to their weights.
 
 ``(n * g + b) @ W + c  ==  n @ (diag(g) W) + (b @ W + c)``, so the norm keeps no affine
-parameters (the computational-invariance step behind SliceGPT). Linear readers are
-``MatMul(y, W)`` (with an optional ``+ c`` after it), ``Gemm(y, B, C)`` and either of those
-behind a ``Reshape`` that keeps the hidden axis last (GPT-2 writes Reshape → Gemm). A norm
-with any other reader keeps its affine, and the report says which reader stopped it.
+parameters (the computational-invariance step behind SliceGPT). One rule, ``fold-<norm op>``
+in the counts; a norm with any other reader keeps its affine, and its site record says which
+reader stopped it.
 """
 
 from __future__ import annotations
@@ -15,16 +14,9 @@ import numpy as np
 import onnx_ir as ir
 
 from txcompile.graph.shapes import infer_shapes
-from txcompile.passes.base import TxPass
-from txcompile.passes.norms.common import (
-    NORM_OPS,
-    constant,
-    describe,
-    is_op,
-    last_dim,
-    new_initializer,
-    set_constant_input,
-)
+from txcompile.passes.norms.common import constant, is_norm, node_site, set_constant_input
+from txcompile.passes.norms.linear import LinearReader, fold_into_readers, linear_readers
+from txcompile.passes.rules import Rewrite, Rule, RulePass
 
 # where gamma and beta sit in each norm op's inputs
 AFFINE_INPUTS = {
@@ -37,157 +29,74 @@ AFFINE_INPUTS = {
 
 
 @dataclasses.dataclass
-class LinearReader:
-    """``node`` multiplies the norm's output by the constant ``weight`` (input ``weight_index``)."""
+class AffineSite:
+    """A norm node, its scale (and shift) as arrays, and the linear layers that read it."""
 
     node: ir.Node
-    weight_index: int
-    weight: np.ndarray  # as [D, N]
-    transposed: bool  # Gemm with transB=1 stores it as [N, D]
+    gamma: np.ndarray | None = None
+    beta: np.ndarray | None = None
+    readers: list[LinearReader] = dataclasses.field(default_factory=list)
+    problem: str | None = None
 
 
-def linear_readers(value: ir.Value) -> tuple[list[LinearReader], str | None]:
-    """Every reader of ``value`` as a linear layer, or the reason one is not."""
-    if value.is_graph_output():
-        return [], f"{value.name} is a graph output"
-    found: list[LinearReader] = []
-    for node in value.consumers():
-        if is_op(node, "Shape", "Size"):
-            continue  # reads only the shape, which folding keeps
-        if is_op(node, "Reshape") and node.inputs[0] is value:
-            out = node.outputs[0]
-            if last_dim(value) is None or last_dim(out) != last_dim(value):
-                return [], f"{describe(node)} moves the hidden axis"
-            inner, problem = linear_readers(out)
-            if problem:
-                return [], problem
-            found.extend(inner)
-            continue
-        reader = _as_linear(node, value)
-        if reader is None:
-            return [], f"{value.name} is read by {describe(node)}, which is not a linear layer"
-        found.append(reader)
-    return found, None
+def read_affine(site: AffineSite) -> str | None:
+    """Fill ``site`` from the graph as it is now; the reason its affine cannot be folded, or None."""
+    node = site.node
+    gamma_at, beta_at = AFFINE_INPUTS[node.op_type]
+    site.gamma = gamma = constant(node.inputs[gamma_at])
+    if beta_at is not None and len(node.inputs) > beta_at and node.inputs[beta_at] is not None:
+        site.beta = constant(node.inputs[beta_at])
+        if site.beta is None:
+            site.problem = "its shift is not a constant"
+            return site.problem
+    beta = site.beta
+    if gamma is None:
+        site.problem = "its scale is not a constant"
+    elif gamma.ndim != 1 or (beta is not None and beta.shape != gamma.shape):
+        site.problem = "its scale / shift are not vectors over the hidden axis"
+    elif np.all(gamma == 1) and (beta is None or not np.any(beta)):
+        site.problem = "it has no affine parameters left to fold"
+    else:
+        site.readers, site.problem = linear_readers(node.outputs[0])
+        if site.problem is None and any(r.weight.shape[0] != gamma.size for r in site.readers):
+            site.problem = "a reader's weight does not match the hidden size"
+    return site.problem
 
 
-def _as_linear(node: ir.Node, value: ir.Value) -> LinearReader | None:
-    if is_op(node, "MatMul") and node.inputs[0] is value and node.inputs[1] is not value:
-        weight = constant(node.inputs[1])
-        if weight is not None and weight.ndim == 2:
-            return LinearReader(node, 1, weight, False)
-    if is_op(node, "Gemm") and node.inputs[0] is value and node.attributes.get_int("transA", 0) == 0:
-        weight = constant(node.inputs[1])
-        if weight is None or weight.ndim != 2:
-            return None
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            if constant(node.inputs[2]) is None or node.attributes.get_float("beta", 1.0) == 0.0:
-                return None
-        transposed = node.attributes.get_int("transB", 0) == 1
-        return LinearReader(node, 1, weight.T if transposed else weight, transposed)
-    return None
+class FoldAffine(Rule):
+    """Norm(x, g, b) read only by linear layers → Norm(x, 1) and the readers take diag(g) W, b W."""
 
-
-def fold_into_readers(
-    graph: ir.Graph, readers: list[LinearReader], scale: np.ndarray | None, shift: np.ndarray | None
-) -> None:
-    """Give each linear reader ``diag(scale) W`` and ``+ shift @ W`` (readers from linear_readers)."""
-    for reader in readers:
-        weight = reader.weight.astype(np.float64)
-        node = reader.node
-        if scale is not None:
-            scaled = (scale.astype(np.float64)[:, None] * weight).astype(reader.weight.dtype)
-            set_constant_input(node, reader.weight_index, scaled.T if reader.transposed else scaled, graph)
-        if shift is None or not np.any(shift):
-            continue
-        extra = shift.astype(np.float64) @ weight
-        if is_op(node, "Gemm"):
-            _add_gemm_bias(graph, node, extra)
-        else:
-            add_matmul_bias(graph, node, extra.astype(reader.weight.dtype))
-
-
-def _add_gemm_bias(graph: ir.Graph, node: ir.Node, extra: np.ndarray) -> None:
-    alpha = node.attributes.get_float("alpha", 1.0)
-    dtype = constant(node.inputs[1]).dtype
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        beta = node.attributes.get_float("beta", 1.0)
-        old = constant(node.inputs[2]).astype(np.float64)
-        set_constant_input(node, 2, (old + alpha / beta * extra).astype(dtype), graph)
-        return
-    node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-    node.resize_inputs(3)
-    node.replace_input_with(
-        2, new_initializer(graph, f"{node.name or 'gemm'}.bias", (alpha * extra).astype(dtype))
-    )
-
-
-def add_matmul_bias(graph: ir.Graph, node: ir.Node, extra: np.ndarray) -> None:
-    """Into the constant Add that follows the MatMul, else a new Add after it."""
-    out = node.outputs[0]
-    readers = out.consumers()
-    if len(readers) == 1 and is_op(readers[0], "Add") and not out.is_graph_output():
-        add = readers[0]
-        index = 1 if add.inputs[0] is out else 0
-        old = constant(add.inputs[index])
-        if old is not None and old.shape[-1:] == extra.shape and old.ndim == 1:
-            set_constant_input(add, index, (old.astype(np.float64) + extra).astype(old.dtype), graph)
-            return
-    bias = new_initializer(graph, f"{node.name or 'matmul'}.bias", extra)
-    uses = list(out.uses())  # taken before the new Add becomes a reader of ``out`` too
-    add = ir.node("Add", [out, bias], name=f"{node.name or 'matmul'}/folded_bias")
-    add.outputs[0].shape, add.outputs[0].type = out.shape, out.type
-    graph.insert_after(node, add)
-    for use in uses:
-        use.node.replace_input_with(use.idx, add.outputs[0])
-    if out.is_graph_output():
-        graph.outputs[graph.outputs.index(out)] = add.outputs[0]
-
-
-class FoldNormAffine(TxPass):
     name = "fold-norm-affine"
-    summary = "fold a norm's scale and shift into the linear layers that read it (SliceGPT's first step)"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        self.details = {"folded": [], "left": []}
-        infer_shapes(model)
-        for node in list(graph):
-            if (node.domain or "", node.op_type) not in NORM_OPS and not (
-                node.domain == "ai.onnx" and (("", node.op_type) in NORM_OPS)
-            ):
-                continue
-            site = node.name or node.outputs[0].name
-            problem = self._fold(graph, node)
-            if problem:
-                self.details["left"].append({"site": site, "reason": problem})
-            else:
-                self.details["folded"].append({"site": site, "op": node.op_type})
-                self.rule_counts[f"fold-{node.op_type}"] += 1
-        return ir.passes.PassResult(model, bool(self.rule_counts))
+    def match(self, model, state):
+        return [AffineSite(node) for node in model.graph if is_norm(node)]
 
-    def _fold(self, graph: ir.Graph, node: ir.Node) -> str | None:
+    def site_name(self, site: AffineSite):
+        return node_site(site.node)
+
+    def check(self, site: AffineSite, state):
+        return read_affine(site)  # read now: an earlier fold may have changed a shared reader
+
+    def rewrite(self, model, site: AffineSite, state):
+        graph, node = model.graph, site.node
         gamma_at, beta_at = AFFINE_INPUTS[node.op_type]
-        gamma = constant(node.inputs[gamma_at])
-        beta = None
-        if beta_at is not None and len(node.inputs) > beta_at and node.inputs[beta_at] is not None:
-            beta = constant(node.inputs[beta_at])
-            if beta is None:
-                return "its shift is not a constant"
-        if gamma is None:
-            return "its scale is not a constant"
-        if gamma.ndim != 1 or (beta is not None and beta.shape != gamma.shape):
-            return "its scale / shift are not vectors over the hidden axis"
-        if np.all(gamma == 1) and (beta is None or not np.any(beta)):
-            return "it has no affine parameters left to fold"
-        readers, problem = linear_readers(node.outputs[0])
-        if problem:
-            return problem
-        if any(r.weight.shape[0] != gamma.size for r in readers):
-            return "a reader's weight does not match the hidden size"
-        fold_into_readers(graph, readers, gamma, beta)
-        set_constant_input(node, gamma_at, np.ones_like(gamma), graph, hint=f"{node.name or 'norm'}.ones")
-        if beta is not None:
+        fold_into_readers(graph, site.readers, site.gamma, site.beta)
+        ones = np.ones_like(site.gamma)
+        set_constant_input(node, gamma_at, ones, graph, hint=f"{node.name or 'norm'}.ones")
+        if site.beta is not None:
             node.replace_input_with(beta_at, None)
             if beta_at == len(node.inputs) - 1:
                 node.resize_inputs(beta_at)
-        return None
+        return Rewrite(node.op_type, rule=f"fold-{node.op_type}")  # edits weights, creates no node
+
+
+class FoldNormAffine(RulePass):
+    name = "fold-norm-affine"
+    summary = "fold a norm's scale and shift into the linear layers that read it (SliceGPT's first step)"
+    rules = (FoldAffine,)
+
+    def prepare(self, model: ir.Model) -> None:
+        infer_shapes(model)
+
+    def finish(self, model, state, records) -> None:
+        """Nothing to sweep: the norm stays and only constants were replaced."""

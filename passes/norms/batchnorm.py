@@ -1,7 +1,8 @@
 """fold-batchnorm: inference BatchNormalization disappears into the linear layer beside it.
 
 At inference a BatchNorm is ``y = x * s + t`` per channel (``s = g / sqrt(var + eps)``,
-``t = b - mean * s``), so it folds exactly into a neighbouring linear layer:
+``t = b - mean * s``), so it folds exactly into a neighbouring linear layer. The rules, tried
+in this order for each BatchNorm (the first that fits folds it, first.py):
 
 * ``conv-batchnorm``: Conv → BN: scale the Conv's output channels, shift its bias.
 * ``linear-batchnorm``: MatMul/Gemm [N, C] → BN: scale the weight's columns, shift the bias.
@@ -11,10 +12,12 @@ At inference a BatchNorm is ``y = x * s + t`` per channel (``s = g / sqrt(var + 
 * ``batchnorm-linear``: BN (channel axis last, directly or inside the transpose pair) read only
   by linear layers: ``(x s + t) W = x (diag(s) W) + t W``.
 
-BatchNorms that fit none of these stay, and the report says why.
+BatchNorms that fit none of these stay, and their site record says why.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnx_ir as ir
@@ -22,155 +25,165 @@ import onnx_ir.passes.common as common
 
 from txcompile.graph.shapes import infer_shapes
 from txcompile.passes.base import TxPass
-from txcompile.passes.norms import affine as norm_affine
-from txcompile.passes.norms.common import constant, is_op, new_initializer, rank, set_constant_input
+from txcompile.passes.norms.batchnorm_linear import (
+    LinearFold,
+    bn_affine,
+    conv_fits,
+    fold_into_conv,
+    fold_into_linear,
+    linear_fold,
+)
+from txcompile.passes.norms.common import is_op, node_site, rank, single_reader
+from txcompile.passes.norms.first import apply_first
+from txcompile.passes.norms.linear import LinearReader, fold_into_readers, linear_readers
+from txcompile.passes.rules import FUSED, Rewrite, Rule
 
 
-def bn_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
-    """(s, t) of an inference BatchNormalization in float64, or why it has none."""
-    if node.attributes.get_int("training_mode", 0) != 0 or len(node.outputs) > 1:
-        return "it runs in training mode"
-    arrays = [constant(v) for v in node.inputs[1:5]]
-    if any(a is None for a in arrays):
-        return "its statistics or affine parameters are not constants"
-    gamma, beta, mean, var = (a.astype(np.float64).reshape(-1) for a in arrays)
-    scale = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
-    return scale, beta - mean * scale
+@dataclasses.dataclass
+class BnSite:
+    """A BatchNormalization, its (s, t) once read, and what the passing check found."""
 
+    node: ir.Node
+    affine: tuple[np.ndarray, np.ndarray] | str | None = None
+    fold: LinearFold | None = None
+    readers: list[LinearReader] = dataclasses.field(default_factory=list)
 
-def _single_reader(value: ir.Value) -> ir.Node | None:
-    readers = value.consumers()
-    return readers[0] if len(readers) == 1 and not value.is_graph_output() else None
+    @property
+    def x(self) -> ir.Value:
+        return self.node.inputs[0]
 
 
 def _is_swap(node: ir.Node | None) -> bool:
     return is_op(node, "Transpose") and list(node.attributes.get_ints("perm", [])) == [0, 2, 1]
 
 
+def _bypass(bn: ir.Node) -> None:
+    ir.convenience.replace_all_uses_with(bn.outputs[0], bn.inputs[0], replace_graph_outputs=True)
+
+
+class BatchNormRule(Rule):
+    """Reads the BatchNorm's (s, t) once; a BatchNorm without them fits no rule."""
+
+    def match(self, model, state):
+        return [BnSite(node) for node in model.graph if is_op(node, "BatchNormalization")]
+
+    def site_name(self, site: BnSite):
+        return node_site(site.node)
+
+    def check(self, site: BnSite, state):
+        if site.affine is None:
+            site.affine = bn_affine(site.node)
+        return site.affine if isinstance(site.affine, str) else self.fits(site, *site.affine)
+
+    def fits(self, site: BnSite, scale: np.ndarray, shift: np.ndarray) -> str | None:
+        raise NotImplementedError
+
+
+class ConvBatchNorm(BatchNormRule):
+    """Conv → BN, the Conv's output read by the BN alone."""
+
+    name = "conv-batchnorm"
+
+    def fits(self, site, scale, shift):
+        conv = site.x.producer()
+        if not is_op(conv, "Conv") or single_reader(site.x) is not site.node:
+            return f"{site.x.name} is not written by a Conv that only the BatchNorm reads"
+        return None if conv_fits(conv, scale) else f"{conv.name}'s weight or bias do not fit the channels"
+
+    def rewrite(self, model, site, state):
+        fold_into_conv(model.graph, site.x.producer(), *site.affine)
+        _bypass(site.node)
+        return Rewrite("Conv")
+
+
+class LinearBatchNorm(BatchNormRule):
+    """MatMul(+Add) / Gemm [N, C] → BN, the linear output read by the BN alone."""
+
+    name = "linear-batchnorm"
+
+    def fits(self, site, scale, shift):
+        if rank(site.x) != 2 or single_reader(site.x) is not site.node:
+            return f"{site.x.name} is not a [N, C] value that only the BatchNorm reads"
+        site.fold = linear_fold(site.x.producer(), scale)
+        return None if site.fold else f"{site.x.name} is not written by a MatMul / Gemm with constant weights"
+
+    def rewrite(self, model, site, state):
+        fold_into_linear(model.graph, site.fold, *site.affine)
+        _bypass(site.node)
+        return Rewrite(site.fold.node.op_type)
+
+
+class LinearTransposedBatchNorm(BatchNormRule):
+    """Linear → Transpose(0, 2, 1) → BN → Transpose(0, 2, 1) (SLAB): the transposes go too."""
+
+    name = "linear-transposed-batchnorm"
+
+    def fits(self, site, scale, shift):
+        before, after = site.x.producer(), single_reader(site.node.outputs[0])
+        if not (_is_swap(before) and _is_swap(after)):
+            return "it does not sit between two Transpose(0, 2, 1)"
+        if single_reader(before.inputs[0]) is not before or single_reader(site.x) is not site.node:
+            return "a value between the linear layer and the BatchNorm has another reader"
+        site.fold = linear_fold(before.inputs[0].producer(), scale)
+        return None if site.fold else f"{before.inputs[0].name} is not written by a MatMul / Gemm"
+
+    def rewrite(self, model, site, state):
+        before, after = site.x.producer(), single_reader(site.node.outputs[0])
+        fold_into_linear(model.graph, site.fold, *site.affine)
+        ir.convenience.replace_all_uses_with(after.outputs[0], before.inputs[0], replace_graph_outputs=True)
+        return Rewrite(site.fold.node.op_type)
+
+
+class BatchNormLinear(BatchNormRule):
+    """BN (channel axis last, or inside the transpose pair) read only by linear layers."""
+
+    name = "batchnorm-linear"
+
+    def fits(self, site, scale, shift):
+        x, after = site.x, single_reader(site.node.outputs[0])
+        generic = f"{x.name} is not written by a Conv or linear layer that only it reads"
+        if not (rank(x) == 2 or (rank(x) == 3 and _is_swap(after))):
+            return generic
+        result = site.node.outputs[0] if rank(x) == 2 else after.outputs[0]
+        site.readers, problem = linear_readers(result)
+        if problem:
+            return f"no linear layer writes it alone and {problem}"
+        if not site.readers or any(r.weight.shape[0] != scale.size for r in site.readers):
+            return generic
+        return None
+
+    def rewrite(self, model, site, state):
+        x, y = site.x, site.node.outputs[0]
+        before, after = x.producer(), single_reader(y)
+        fold_into_readers(model.graph, site.readers, *site.affine)
+        if rank(x) == 2:
+            ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
+        elif _is_swap(before) and single_reader(x) is site.node:  # the transposes cancel
+            ir.convenience.replace_all_uses_with(
+                after.outputs[0], before.inputs[0], replace_graph_outputs=True
+            )
+        else:
+            after.replace_input_with(0, x)
+        return Rewrite(site.readers[0].node.op_type)
+
+
 class FoldBatchNorm(TxPass):
     name = "fold-batchnorm"
     summary = "fold inference BatchNormalization into the adjacent Conv / Gemm / MatMul(+Add)"
+    rules = (ConvBatchNorm, LinearBatchNorm, LinearTransposedBatchNorm, BatchNormLinear)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        self.details = {"folded": [], "left": []}
-        if any(is_op(node, "BatchNormalization") for node in graph):
+        rules = [rule() for rule in self.rules]
+        batchnorms = rules[0].match(model, None)
+        if batchnorms:
             infer_shapes(model)
-        for node in list(graph):
-            if not is_op(node, "BatchNormalization"):
-                continue
-            site = node.name or node.outputs[0].name
-            affine = bn_affine(node)
-            rule = affine if isinstance(affine, str) else self._fold(graph, node, *affine)
-            if rule.startswith("!") or isinstance(affine, str):
-                self.details["left"].append({"site": site, "reason": rule.lstrip("!")})
-                continue
-            self.rule_counts[rule] += 1
-            self.details["folded"].append({"site": site, "rule": rule})
-        if self.rule_counts:
+        records = [apply_first(self, model, site, rules, None, self.name) for site in batchnorms]
+        fused = sum(r.status == FUSED for r in records)
+        if fused:
             common.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, bool(self.rule_counts))
-
-    def _fold(self, graph: ir.Graph, bn: ir.Node, scale: np.ndarray, shift: np.ndarray) -> str:
-        """The rule that folded ``bn``, or ``!reason`` when none could."""
-        x, y = bn.inputs[0], bn.outputs[0]
-        producer = x.producer()
-        if is_op(producer, "Conv") and _single_reader(x) is bn:
-            if self._into_conv(graph, producer, scale, shift):
-                return self._bypass(bn, x, "conv-batchnorm")
-        if rank(x) == 2 and _single_reader(x) is bn and self._into_linear(graph, producer, scale, shift):
-            return self._bypass(bn, x, "linear-batchnorm")
-        before, after = producer, _single_reader(y)
-        if _is_swap(before) and _is_swap(after) and _single_reader(before.inputs[0]) is before:
-            if _single_reader(x) is bn and self._into_linear(
-                graph, before.inputs[0].producer(), scale, shift
-            ):
-                ir.convenience.replace_all_uses_with(
-                    after.outputs[0], before.inputs[0], replace_graph_outputs=True
-                )
-                return "linear-transposed-batchnorm"
-        if rank(x) == 2 or (rank(x) == 3 and _is_swap(after)):
-            result = y if rank(x) == 2 else after.outputs[0]
-            readers, problem = norm_affine.linear_readers(result)
-            if problem is None and readers and all(r.weight.shape[0] == scale.size for r in readers):
-                norm_affine.fold_into_readers(graph, readers, scale, shift)
-                if rank(x) == 2:
-                    ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
-                elif _is_swap(before) and _single_reader(x) is bn:  # the transposes cancel
-                    ir.convenience.replace_all_uses_with(result, before.inputs[0], replace_graph_outputs=True)
-                else:
-                    after.replace_input_with(0, x)
-                return "batchnorm-linear"
-            if problem:
-                return f"!no linear layer writes it alone and {problem}"
-        return f"!{x.name} is not written by a Conv or linear layer that only it reads"
-
-    def _bypass(self, bn: ir.Node, x: ir.Value, rule: str) -> str:
-        ir.convenience.replace_all_uses_with(bn.outputs[0], x, replace_graph_outputs=True)
-        return rule
-
-    def _into_conv(self, graph, conv: ir.Node, scale, shift) -> bool:
-        weight = constant(conv.inputs[1])
-        if weight is None or weight.shape[0] != scale.size:
-            return False
-        has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
-        bias = constant(conv.inputs[2]) if has_bias else np.zeros(scale.size, weight.dtype)
-        if bias is None:
-            return False
-        shape = (-1,) + (1,) * (weight.ndim - 1)
-        set_constant_input(conv, 1, (weight * scale.reshape(shape)).astype(weight.dtype), graph)
-        new_bias = (bias.astype(np.float64) * scale + shift).astype(weight.dtype)
-        if has_bias:
-            set_constant_input(conv, 2, new_bias, graph)
-        else:
-            conv.resize_inputs(3)
-            conv.replace_input_with(2, new_initializer(graph, f"{conv.name or 'conv'}.bias", new_bias))
-        return True
-
-    def _into_linear(self, graph, node: ir.Node | None, scale, shift) -> bool:
-        """Scale the output columns of MatMul(+const Add) / Gemm ``node`` by ``scale``, add ``shift``."""
-        if node is None:
-            return False
-        add = None
-        if is_op(node, "Add"):
-            add, node = node, next((v.producer() for v in node.inputs if constant(v) is None), None)
-            if node is None or _single_reader(node.outputs[0]) is not add:
-                return False
-        if is_op(node, "MatMul"):
-            weight = constant(node.inputs[1])
-            if weight is None or weight.ndim != 2 or weight.shape[1] != scale.size:
-                return False
-            bias_at = None
-            if add is not None:
-                bias_at = 1 if add.inputs[0] is node.outputs[0] else 0
-                bias = constant(add.inputs[bias_at])
-                if bias is None or bias.ndim != 1:
-                    return False
-            set_constant_input(node, 1, (weight * scale[None, :]).astype(weight.dtype), graph)
-            if add is None:
-                norm_affine.add_matmul_bias(graph, node, shift.astype(weight.dtype))
-            else:
-                set_constant_input(add, bias_at, (bias * scale + shift).astype(bias.dtype), graph)
-            return True
-        if is_op(node, "Gemm") and add is None:
-            weight = constant(node.inputs[1])
-            transposed = node.attributes.get_int("transB", 0) == 1
-            if weight is None or (weight.shape[0] if transposed else weight.shape[1]) != scale.size:
-                return False
-            beta = node.attributes.get_float("beta", 1.0)
-            has_c = len(node.inputs) > 2 and node.inputs[2] is not None
-            c = constant(node.inputs[2]) if has_c else np.zeros(scale.size, weight.dtype)
-            if c is None or (has_c and beta == 0.0) or c.shape[-1:] != scale.shape:
-                return False
-            scaled = weight * (scale[:, None] if transposed else scale[None, :])
-            set_constant_input(node, 1, scaled.astype(weight.dtype), graph)
-            beta = beta if has_c else 1.0
-            new_c = (c.astype(np.float64) * scale + shift / beta).astype(weight.dtype)
-            node.attributes["beta"] = ir.AttrFloat32("beta", beta)
-            if has_c:
-                set_constant_input(node, 2, new_c, graph)
-            else:
-                node.resize_inputs(3)
-                node.replace_input_with(2, new_initializer(graph, f"{node.name or 'gemm'}.bias", new_c))
-            return True
-        return False
+        self.details = {
+            "sites": [r.as_dict() for r in records],
+            "fused": fused,
+            "unfused": len(records) - fused,
+        }
+        return ir.passes.PassResult(model, bool(fused))

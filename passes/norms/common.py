@@ -1,4 +1,4 @@
-"""Graph helpers the norm passes share: constants, readers, new initializers, opset raises.
+"""Graph helpers the norm passes share: op tests, constants, readers, new initializers, names.
 
 Initializers may be shared by several nodes (CSE merges equal constants), so a pass that
 changes a weight never edits it in place: it gives the node a new initializer instead.
@@ -6,20 +6,20 @@ changes a weight never edits it in place: it gives the node a new initializer in
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx_ir as ir
+
+from txcompile.graph.build import GraphBuilder
+from txcompile.graph.constants import constant_array
+from txcompile.graph.nodes import MS_DOMAIN
 
 NORM_OPS = {
     ("", "LayerNormalization"),
     ("", "RMSNormalization"),
     ("", "SimplifiedLayerNormalization"),
-    ("com.microsoft", "SkipLayerNormalization"),
-    ("com.microsoft", "SkipSimplifiedLayerNormalization"),
+    (MS_DOMAIN, "SkipLayerNormalization"),
+    (MS_DOMAIN, "SkipSimplifiedLayerNormalization"),
 }
-# ops whose meaning changed between the versions a norm pass may raise the opset across
-_VERSION_SENSITIVE = {"GroupNormalization", "RoiAlign"}
 
 
 def is_op(node: ir.Node | None, *op_types: str, domain: str = "") -> bool:
@@ -27,13 +27,17 @@ def is_op(node: ir.Node | None, *op_types: str, domain: str = "") -> bool:
     return node is not None and node.op_type in op_types and node.domain in domains
 
 
+def is_norm(node: ir.Node) -> bool:
+    """One of the norm ops (default domain spelled either way, or ORT's Skip norms)."""
+    domain = "" if node.domain == "ai.onnx" else node.domain or ""
+    return (domain, node.op_type) in NORM_OPS
+
+
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The value as an array when it is an initializer, a Constant, or Add/Sub of two such (Gemma's 1 + w)."""
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is not None:
-        return tensor.numpy()
+    array = constant_array(value)
+    if array is not None or value is None:
+        return array
     node = value.producer()
     if is_op(node, "Add", "Sub") and len(node.inputs) == 2:
         a, b = constant(node.inputs[0]), constant(node.inputs[1])
@@ -49,48 +53,23 @@ def scalar(value: ir.Value | None) -> float | None:
     return float(array.reshape(()))
 
 
-def readers(value: ir.Value) -> list[ir.Node]:
-    return list(value.consumers())
-
-
-def only_read_by(value: ir.Value, allowed: set[ir.Node] | list[ir.Node]) -> ir.Node | None:
-    """The first node outside ``allowed`` that reads ``value``, or None when there is none."""
-    allowed = set(allowed)
-    for node in value.consumers():
-        if node not in allowed:
-            return node
-    return None
+def single_reader(value: ir.Value) -> ir.Node | None:
+    """The one node that reads ``value`` (None when several do or it is a graph output)."""
+    readers = value.consumers()
+    return readers[0] if len(readers) == 1 and not value.is_graph_output() else None
 
 
 def describe(node: ir.Node) -> str:
     return f"{node.op_type} {node.name}" if node.name else node.op_type
 
 
-def other_reader_reason(value: ir.Value, allowed) -> str | None:
-    """Why ``value`` cannot disappear: another node reads it, or it is a graph output."""
-    if value.is_graph_output():
-        return f"{value.name} is a graph output"
-    other = only_read_by(value, allowed)
-    if other is not None:
-        return f"{value.name} is also read by {describe(other)}"
-    return None
-
-
-_counter = itertools.count()
+def node_site(node: ir.Node) -> str:
+    return node.name or node.outputs[0].name
 
 
 def new_initializer(graph: ir.Graph, hint: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` under a fresh name derived from ``hint``."""
-    taken = set(graph.initializers)
-    base = f"{hint}.txc" if hint else "txc"
-    name = base
-    while name in taken:
-        name = f"{base}{next(_counter)}"
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    return value
+    """Register ``array`` under a fresh, deterministic name derived from ``hint``."""
+    return GraphBuilder(graph, hint or "txc").const(np.ascontiguousarray(array))
 
 
 def set_constant_input(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph, hint: str = "") -> None:
@@ -128,27 +107,16 @@ def reduces_last_axis(node: ir.Node) -> bool:
     return axes[0] == -1 or (x_rank is not None and axes[0] == x_rank - 1)
 
 
-def opset_raise_problem(model: ir.Model, needed: int) -> str | None:
-    """Why the default-domain opset cannot be raised to ``needed`` without changing meaning, or None."""
-    current = model.opset_imports.get("", 1)
-    if current >= needed:
-        return None
-    if current < 18 <= needed:
-        return f"opset {current} uses ReduceX axes attributes that opset 18 moved to inputs"
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain in ("", "ai.onnx") and node.op_type in _VERSION_SENSITIVE:
-            return f"{node.op_type} changed meaning after opset {current}"
-    return None
+def copy_type(source: ir.Value, target: ir.Value) -> None:
+    target.shape, target.type = source.shape, source.type
 
 
-def raise_opset(model: ir.Model, needed: int) -> str | None:
-    """Raise the default-domain opset to ``needed``; returns a note for the report when it did."""
-    current = model.opset_imports.get("", 1)
-    if current >= needed:
-        return None
-    model.opset_imports[""] = needed
-    model.graph.opset_imports[""] = needed
-    return f"raised the ONNX opset from {current} to {needed}"
+def unique_node_name(graph: ir.Graph, wanted: str) -> str:
+    taken = {node.name for node in graph}
+    name, index = wanted, 1
+    while name in taken:
+        name, index = f"{wanted}_{index}", index + 1
+    return name
 
 
 def site_name(scale: ir.Value | None, nodes: list[ir.Node], fallback: ir.Value) -> str:

@@ -18,7 +18,15 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.passes.norms.common import constant, describe, is_op, last_dim, reduces_last_axis, scalar
+from txcompile.passes.norms.common import (
+    constant,
+    describe,
+    is_op,
+    last_dim,
+    reduces_last_axis,
+    scalar,
+    single_reader,
+)
 
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
@@ -40,13 +48,11 @@ class Decomposed:
 
 @dataclasses.dataclass
 class Mismatch:
+    """A mean of squares that does not complete a norm of ``kind``, and why."""
+
     anchor: ir.Node
     reason: str
-
-
-def _single_reader(value: ir.Value) -> ir.Node | None:
-    readers = value.consumers()
-    return readers[0] if len(readers) == 1 and not value.is_graph_output() else None
+    kind: str = "rms"
 
 
 def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
@@ -81,22 +87,22 @@ def match(anchor: ir.Node) -> Decomposed | Mismatch | None:
             kind, x = "layer", centering.inputs[0]
             nodes = [mean, centering, *nodes]
     if x.dtype is not None and x.dtype not in FLOAT_TYPES:
-        return Mismatch(anchor, f"input {x.name} is {x.dtype}, not a float type")
+        return Mismatch(anchor, f"input {x.name} is {x.dtype}, not a float type", kind)
     current = anchor.outputs[0]
-    step = _single_reader(current)
+    step = single_reader(current)
     epsilon = 0.0
     if is_op(step, "Add"):
         epsilon = scalar(_other(step, current))
         if epsilon is None:
-            return Mismatch(anchor, f"{describe(step)} adds a non-constant epsilon")
+            return Mismatch(anchor, f"{describe(step)} adds a non-constant epsilon", kind)
         nodes.append(step)
         current = step.outputs[0]
-        step = _single_reader(current)
+        step = single_reader(current)
     if not is_op(step, "Sqrt"):
-        return Mismatch(anchor, f"the variance {current.name} does not feed one Sqrt")
+        return Mismatch(anchor, f"the variance {current.name} does not feed one Sqrt", kind)
     nodes.append(step)
     std = step.outputs[0]
-    step = _single_reader(std)
+    step = single_reader(std)
     if is_op(step, "Div") and step.inputs[0] is d and step.inputs[1] is std:
         nodes.append(step)
     else:
@@ -105,11 +111,11 @@ def match(anchor: ir.Node) -> Decomposed | Mismatch | None:
         elif is_op(step, "Div") and step.inputs[1] is std and scalar(step.inputs[0]) == 1.0:
             nodes.append(step)
         else:
-            return Mismatch(anchor, f"{std.name} is not divided into {d.name}")
+            return Mismatch(anchor, f"{std.name} is not divided into {d.name}", kind)
         inverse = step.outputs[0]
-        step = _single_reader(inverse)
+        step = single_reader(inverse)
         if not (is_op(step, "Mul") and _other(step, inverse) is d):
-            return Mismatch(anchor, f"{inverse.name} does not multiply {d.name}")
+            return Mismatch(anchor, f"{inverse.name} does not multiply {d.name}", kind)
         nodes.append(step)
     return _affine(anchor, kind, x, d, epsilon, nodes)
 
@@ -117,11 +123,11 @@ def match(anchor: ir.Node) -> Decomposed | Mismatch | None:
 def _affine(anchor, kind, x, d, epsilon, nodes) -> Decomposed | Mismatch:
     """Take the optional no-op Cast, ``* scale`` and (LayerNorm) ``+ bias`` after the normalization."""
     output = nodes[-1].outputs[0]
-    step = _single_reader(output)
+    step = single_reader(output)
     if is_op(step, "Cast") and x.dtype is not None and step.attributes.get_int("to") == x.dtype.value:
         nodes.append(step)
         output = step.outputs[0]
-        step = _single_reader(output)
+        step = single_reader(output)
     scale = scale_value = bias = None
     form = "plain"
     if is_op(step, "Mul"):
@@ -132,7 +138,7 @@ def _affine(anchor, kind, x, d, epsilon, nodes) -> Decomposed | Mismatch:
             form = "gemma (1 + weight)" if is_op(producer, "Add") else "affine"
             nodes.append(step)
             output = step.outputs[0]
-            step = _single_reader(output)
+            step = single_reader(output)
         else:
             scale_value = None
     if kind == "layer" and is_op(step, "Add"):
@@ -142,15 +148,15 @@ def _affine(anchor, kind, x, d, epsilon, nodes) -> Decomposed | Mismatch:
             output = step.outputs[0]
     problem = _internal_readers(nodes, output, x, d)
     if problem:
-        return Mismatch(anchor, problem)
+        return Mismatch(anchor, problem, kind)
     size = last_dim(x)
     scale, problem = _vector(scale, size, 1.0, "scale")
     if problem:
-        return Mismatch(anchor, problem)
+        return Mismatch(anchor, problem, kind)
     if bias is not None:
         bias, problem = _vector(bias, scale.size, 0.0, "bias")
         if problem:
-            return Mismatch(anchor, problem)
+            return Mismatch(anchor, problem, kind)
     dtype = x.dtype.numpy() if x.dtype is not None else np.float32
     return Decomposed(
         kind,

@@ -7,52 +7,15 @@ coefficients, so masking a polynomial costs no extra level.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx_ir as ir
 
-_ids = itertools.count()
-
-
-class GraphBuilder:
-    """Collects new nodes and constants; ``commit`` inserts them before ``anchor``."""
-
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, prefix: str) -> None:
-        self.graph = graph
-        self.anchor = anchor
-        self.prefix = prefix
-        self.nodes: list[ir.Node] = []
-
-    def op(self, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
-        node = ir.node(
-            op_type, list(inputs), attributes=attributes or None, name=f"{self.prefix}/{op_type}_{next(_ids)}"
-        )
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def const(self, value, dtype=np.float32) -> ir.Value:
-        array = np.asarray(value, dtype=dtype)
-        name = f"{self.prefix}/c{next(_ids)}"
-        constant = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        constant.shape = ir.Shape(array.shape)
-        constant.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        self.graph.register_initializer(constant)
-        return constant
-
-    def outside_uses(self, value: ir.Value) -> int:
-        """Uses of value by nodes already in the graph (not the ones this builder is making)."""
-        mine = set(map(id, self.nodes))
-        return sum(1 for use in value.uses() if id(use.node) not in mine)
-
-    def commit(self) -> list[ir.Node]:
-        if self.nodes:
-            self.graph.insert_before(self.anchor, self.nodes)
-        nodes, self.nodes = self.nodes, []
-        return nodes
+from txcompile.graph.build import GraphBuilder
 
 
 class OnnxArith:
+    """ONNX nodes through the shared builder; constants are float32 as the graph holds them."""
+
     def __init__(self, builder: GraphBuilder, mask: ir.Value | None = None) -> None:
         self.b = builder
         self.mask = mask
@@ -93,10 +56,10 @@ class OnnxArith:
         return self.b.op("ReduceSum", a, self.b.const([axis], np.int64), keepdims=1)
 
     def mul_plain(self, a, p):
-        return self.b.op("Mul", a, p if isinstance(p, ir.Value) else self.b.const(p))
+        return self.b.op("Mul", a, p if isinstance(p, ir.Value) else self.b.const(p, np.float32))
 
     def add_plain(self, a, p):
-        return self.b.op("Add", a, p if isinstance(p, ir.Value) else self.b.const(p))
+        return self.b.op("Add", a, p if isinstance(p, ir.Value) else self.b.const(p, np.float32))
 
     def power(self, a, p):
         return self.b.op("Pow", a, self.b.const(int(p), np.int64))

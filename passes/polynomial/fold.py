@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.graph.ckks import constant_array, is_constant
-
-from .emit import GraphBuilder
+from txcompile.graph.build import GraphBuilder
+from txcompile.graph.constants import constant_array, is_constant
 
 _THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten", "ReduceSum"}
 
@@ -127,7 +126,7 @@ def fold_row_sum(
     not a second copy of its linear layer. None when the chain does not allow it."""
     if is_constant(value):
         array = constant_array(value).astype(np.float64)
-        return b.const((array * s).sum(-1, keepdims=True)) if array.ndim else None
+        return b.const((array * s).sum(-1, keepdims=True), np.float32) if array.ndim else None
     if value not in encrypted:
         return b.op("Mul", _row_total(b, value), b.const(s))
     node = value.producer()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.graph.ckks import constant_array, is_constant
-
-from .emit import GraphBuilder
+from txcompile.graph.build import GraphBuilder
+from txcompile.graph.constants import constant_array, is_constant
 
 
 def remove_nan_guards(graph: ir.Graph) -> int:
@@ -36,7 +35,7 @@ def div_by_constant(graph: ir.Graph) -> int:
         divisor = constant_array(node.inputs[1]).astype(np.float64)
         if not np.all(divisor != 0) or not np.issubdtype(divisor.dtype, np.floating):
             continue
-        b = GraphBuilder(graph, node, f"{node.name}/as-mul")
+        b = GraphBuilder(graph, f"{node.name}/as-mul", node)
         dtype = constant_array(node.inputs[1]).dtype
         out = b.op("Mul", node.inputs[0], b.const(1.0 / divisor, dtype=dtype))
         b.commit()
@@ -65,7 +64,7 @@ def patch_conv_to_matmul(graph: ir.Graph) -> int:
         if h % kh or w % kw:
             continue
         gh, gw = h // kh, w // kw
-        b = GraphBuilder(graph, node, f"{node.name}/as-matmul")
+        b = GraphBuilder(graph, f"{node.name}/as-matmul", node)
         i64 = np.int64
         x = b.op("Reshape", node.inputs[0], b.const([n, c, gh, kh, gw, kw], i64))
         x = b.op("Transpose", x, perm=[0, 2, 4, 1, 3, 5])
@@ -79,3 +78,16 @@ def patch_conv_to_matmul(graph: ir.Graph) -> int:
         ir.convenience.replace_all_uses_with(node.outputs[0], y, replace_graph_outputs=True)
         count += 1
     return count
+
+
+def name_values(graph: ir.Graph) -> None:
+    """Give every unnamed value a name: calibration captures values by name."""
+    taken = {v.name for n in graph for v in n.outputs if v.name}
+    for i, node in enumerate(graph):
+        for j, value in enumerate(node.outputs):
+            if not value.name:
+                name = f"poly_{i}_{j}"
+                while name in taken:
+                    name += "_"
+                value.name = name
+                taken.add(name)

@@ -1,4 +1,8 @@
-"""Where the graph is not polynomial: every site the pass must rewrite, and the value to calibrate."""
+"""Where the graph is not polynomial: every site the pass must rewrite, and the value to calibrate.
+
+A non-linearity whose input is plaintext is a site too (``encrypted`` False): the rules record
+why they leave it, so the report lists every non-linearity the pass looked at.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ class Site:
     value: ir.Value  # the value whose range is calibrated
     numerator: ir.Value | None = None  # Div(a, ·): the result is a · f(value)
     consumed: tuple[ir.Node, ...] = ()  # nodes the rewrite makes dead besides ``node``
+    encrypted: bool = True  # False: the value is plaintext, nothing to approximate
 
     def current_value(self) -> ir.Value:
         """The value now, after earlier rewrites may have replaced the one first found."""
@@ -32,25 +37,45 @@ class Site:
 
 
 def find_sites(graph: ir.Graph, encrypted: set[ir.Value]) -> list[Site]:
+    """Every non-linearity in graph order; those on plaintext marked ``encrypted=False``."""
     sites = []
     for node in graph:
         if not node.inputs or node.inputs[0] is None:
             continue
-        x = node.inputs[0]
-        op = node.op_type
-        if op in ELEMENTWISE_OPS and x in encrypted:
-            sites.append(Site(node, "elementwise", x))
-        elif op == "Softmax" and x in encrypted:
-            sites.append(Site(node, "softmax", x))
-        elif op == "LayerNormalization" and x in encrypted:
-            sites.append(Site(node, "layernorm", x))
-        elif op == "Reciprocal" and x in encrypted:
-            sites.append(_inverse(node, x, None))
-        elif op == "Div" and node.inputs[1] in encrypted:
-            sites.append(_inverse(node, node.inputs[1], x))
-        elif op == "Sqrt" and x in encrypted and not _only_inverted(node):
-            sites.append(Site(node, "sqrt", x))
+        site = _site(node, encrypted)
+        if site is not None:
+            sites.append(site)
     return sites
+
+
+def _site(node: ir.Node, encrypted: set[ir.Value]) -> Site | None:
+    site = _candidate(node, encrypted)
+    if site is None or site.encrypted or not _integer(site.value):
+        return site
+    return None  # shape arithmetic, not a non-linearity
+
+
+def _integer(value: ir.Value) -> bool:
+    return value.dtype is not None and not value.dtype.is_floating_point()
+
+
+def _candidate(node: ir.Node, encrypted: set[ir.Value]) -> Site | None:
+    x, op = node.inputs[0], node.op_type
+    if op in ELEMENTWISE_OPS:
+        return Site(node, "elementwise", x, encrypted=x in encrypted)
+    if op == "Softmax":
+        return Site(node, "softmax", x, encrypted=x in encrypted)
+    if op == "LayerNormalization":
+        return Site(node, "layernorm", x, encrypted=x in encrypted)
+    if op == "Reciprocal":
+        return _inverse(node, x, None) if x in encrypted else Site(node, "reciprocal", x, encrypted=False)
+    if op == "Div" and len(node.inputs) > 1 and node.inputs[1] is not None:
+        if node.inputs[1] in encrypted:
+            return _inverse(node, node.inputs[1], x)
+        return Site(node, "reciprocal", node.inputs[1], x, encrypted=False)
+    if op == "Sqrt" and not _only_inverted(node):
+        return Site(node, "sqrt", x, encrypted=x in encrypted)
+    return None
 
 
 def _inverse(node: ir.Node, denominator: ir.Value, numerator: ir.Value | None) -> Site:

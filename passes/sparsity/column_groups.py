@@ -25,6 +25,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from txcompile.graph.build import GraphBuilder
+from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.passes.targets import int8_matmul
 
 from . import blocks
@@ -88,18 +90,14 @@ def best_packing(weight: np.ndarray, widths=(64, 32, 16, 8)) -> ColumnGroups | N
 def quantize_columns(packed: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per output column in ±(2^(bits-1) - 1) — 7 bits where the CPU's int8 kernel
     would saturate 8 (int8_matmul.weight_bits): (int8 [G, bn, c], scale [G, bn, 1] float32)."""
-    levels = 2 ** (bits - 1) - 1
-    peak = np.abs(packed).max(axis=2, keepdims=True)
-    scale = np.where(peak > 0, peak / levels, 1.0).astype(np.float32)
-    quantized = np.clip(np.rint(packed / scale), -levels, levels).astype(np.int8)
-    return quantized, scale
+    quantized, scale = int8_matmul.quantize_weight(packed.transpose(2, 0, 1), bits)  # per [c] column
+    return np.ascontiguousarray(quantized.transpose(1, 2, 0)), scale[..., None]
 
 
 def emit(
-    tape: ir.tape.Tape,
+    b: GraphBuilder,
     x: ir.Value,
     groups: ColumnGroups,
-    prefix: str,
     rank: int | None,
     int8: bool = False,
     shared: dict | None = None,
@@ -108,64 +106,65 @@ def emit(
     transposed_out: bool = False,
     like: ir.Value | None = None,
 ) -> tuple[ir.Value, dict[str, float]]:
-    """Nodes computing X @ W from ``x`` [..., K]; returns the output value and, for int8, the
-    weight quantization error (max abs). Layers reading the same X (Q, K, V) pass the same
+    """Nodes (on builder ``b``) computing X @ W from ``x`` [..., K]; returns the output value
+    and, for int8, the weight quantization error (max abs). Layers reading the same X (Q, K, V) pass the same
     ``shared`` dict and reuse one transpose (and one quantization) of it.
 
     ``transposed_in``: x already is X^T [K, M]; ``transposed_out``: return Y^T [N, M] (a chain
     of layers with elementwise ops between stays transposed); ``like``: the value whose leading
     dims (and ``rank``) the output takes back, x itself by default."""
 
-    def const(array: np.ndarray, suffix: str) -> ir.Value:
-        return tape.initializer(ir.tensor(np.ascontiguousarray(array), name=f"{prefix}_{suffix}"))
+    def const(array: np.ndarray) -> ir.Value:
+        return b.const(np.ascontiguousarray(array))
+
+    def op(op_type: str, inputs: list, attributes: dict | None = None, domain: str = "") -> ir.Value:
+        return b.ops(op_type, inputs, attributes, domain=domain)[0]
 
     shared = {} if shared is None else shared
     g, c, n = groups.groups, groups.width, groups.n
     if transposed_in:
         shared[(id(x), "xt")] = x
     if (id(x), "xt") not in shared:
-        flat = x if rank == 2 else tape.op("Reshape", [x, const(np.array([-1, groups.k], np.int64), "flat")])
-        shared[(id(x), "xt")] = tape.op("Transpose", [flat], {"perm": [1, 0]})
+        flat = x if rank == 2 else op("Reshape", [x, const(np.array([-1, groups.k], np.int64))])
+        shared[(id(x), "xt")] = op("Transpose", [flat], {"perm": [1, 0]})
     xt = shared[(id(x), "xt")]
     info: dict[str, float] = {}
     if int8:
         # activations on the left: ORT fuses MatMulInteger+Cast+Mul into MatMulIntegerToFloat,
         # whose CPU kernel takes uint8 x int8 but not int8 x uint8
         if (id(x), "xq") not in shared:
-            shared[(id(x), "xq")] = tape.op_multi_out("DynamicQuantizeLinear", [xt], num_outputs=3)
+            shared[(id(x), "xq")] = b.ops("DynamicQuantizeLinear", [xt], outputs=3)
         xq, x_scale, x_zero = shared[(id(x), "xq")]
-        picked = tape.op("Gather", [xq, const(groups.rows.reshape(-1), "rows")], {"axis": 0})
-        picked = tape.op("Reshape", [picked, const(np.array([g, c, -1], np.int64), "gcm")])
-        picked = tape.op("Transpose", [picked], {"perm": [0, 2, 1]})  # [G, M, c]
+        picked = op("Gather", [xq, const(groups.rows.reshape(-1))], {"axis": 0})
+        picked = op("Reshape", [picked, const(np.array([g, c, -1], np.int64))])
+        picked = op("Transpose", [picked], {"perm": [0, 2, 1]})  # [G, M, c]
         weights, scale = quantize_columns(groups.weights, int8_matmul.weight_bits())  # [G, bn, c], [G, bn, 1]
         info["weight_quant_error"] = float(np.abs(weights * scale - groups.weights).max())
         weights_kn = np.ascontiguousarray(weights.transpose(0, 2, 1))  # [G, c, bn]
-        acc = tape.op("MatMulInteger", [picked, const(weights_kn, "weights_int8"), x_zero])
-        acc = tape.op("Cast", [acc], {"to": ir.DataType.FLOAT})
-        scale_row = const(scale.transpose(0, 2, 1), "scale")  # [G, 1, bn]
-        product = tape.op("Mul", [acc, tape.op("Mul", [scale_row, x_scale])])  # [G, M, bn]
+        acc = op("MatMulInteger", [picked, const(weights_kn), x_zero])
+        acc = op("Cast", [acc], {"to": ir.DataType.FLOAT})
+        scale_row = const(scale.transpose(0, 2, 1))  # [G, 1, bn]
+        product = op("Mul", [acc, op("Mul", [scale_row, x_scale])])  # [G, M, bn]
         if transposed_out:
-            product = tape.op("Transpose", [product], {"perm": [0, 2, 1]})  # [G, bn, M]
-            return tape.op("Reshape", [product, const(np.array([n, -1], np.int64), "nm")]), info
-        out = tape.op("Transpose", [product], {"perm": [1, 0, 2]})  # [M, G, bn]
-        out = tape.op("Reshape", [out, const(np.array([-1, n], np.int64), "mn")])
+            product = op("Transpose", [product], {"perm": [0, 2, 1]})  # [G, bn, M]
+            return op("Reshape", [product, const(np.array([n, -1], np.int64))]), info
+        out = op("Transpose", [product], {"perm": [1, 0, 2]})  # [M, G, bn]
+        out = op("Reshape", [out, const(np.array([-1, n], np.int64))])
     else:
-        picked = tape.op("Gather", [xt, const(groups.rows.reshape(-1), "rows")], {"axis": 0})
-        picked = tape.op("Reshape", [picked, const(np.array([g, c, -1], np.int64), "gcm")])
+        picked = op("Gather", [xt, const(groups.rows.reshape(-1))], {"axis": 0})
+        picked = op("Reshape", [picked, const(np.array([g, c, -1], np.int64))])
         if transposed_out:
-            product = tape.op("MatMul", [const(groups.weights, "weights"), picked])  # [G, bn, M]
-            return tape.op("Reshape", [product, const(np.array([n, -1], np.int64), "nm")]), info
+            product = op("MatMul", [const(groups.weights), picked])  # [G, bn, M]
+            return op("Reshape", [product, const(np.array([n, -1], np.int64))]), info
         # the GEMM reads the gathered rows transposed (transA), so the product comes out as
         # [G, M, bn] and the way back to [M, N] moves rows of bn values, not single elements
         weights_cn = np.ascontiguousarray(groups.weights.transpose(0, 2, 1))  # [G, c, bn]
-        product = tape.op(
-            "FusedMatMul", [picked, const(weights_cn, "weights")], {"transA": 1}, domain="com.microsoft"
-        )
-        out = tape.op("Transpose", [product], {"perm": [1, 0, 2]})  # [M, G, bn]
+        product = op("FusedMatMul", [picked, const(weights_cn)], {"transA": 1}, domain=MS_DOMAIN)
+        out = op("Transpose", [product], {"perm": [1, 0, 2]})  # [M, G, bn]
         if rank == 2:
-            return tape.op("Reshape", [out, const(np.array([-1, n], np.int64), "mn")]), info
+            return op("Reshape", [out, const(np.array([-1, n], np.int64))]), info
     if rank == 2:
         return out, info
-    lead = tape.op("Shape", [like if like is not None else x], {"end": -1})
-    shape = tape.op("Concat", [lead, const(np.array([n], np.int64), "n")], {"axis": 0})
-    return tape.op("Reshape", [out, shape]), info
+    lead = op("Shape", [like if like is not None else x], {"end": -1})
+    shape = op("Concat", [lead, const(np.array([n], np.int64))], {"axis": 0})
+    return op("Reshape", [out, shape]), info

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError
 from txcompile.passes.base import TxPass
+from txcompile.passes.rules import FUSED, UNFUSED, SiteRecord
 
 from . import blocks, calibration, structured
 from .linears import INNER, Linear, find_linears
@@ -86,6 +87,7 @@ class Prune(TxPass):
             "calibrated_on": calibrated_on,
             "layers": layers,
             "params_zeroed": zeroed,
+            "sites": _sites(layers, "neurons" if self.block.structured else f"blocks-{self.block}", linears),
         }
         if before is not None and zeroed:
             self.details["accuracy"] = accuracy(before, ir.serde.serialize_model(model), self.context.feeds)
@@ -164,6 +166,17 @@ class Prune(TxPass):
             self.rule_counts["neurons"] += 1
             entry.update(kept_channels=int(keep.sum()), zeroed=zeroed)
         return layers
+
+
+def _sites(layers: list[dict[str, Any]], rule: str, linears: list[Linear]) -> list[dict[str, Any]]:
+    """Each layer as a shared site record: pruned (its op keeps its kind), or skipped with why."""
+    ops = {lin.name: lin.node.op_type for lin in linears}
+    records = []
+    for layer in layers:
+        skipped = layer.get("skipped")
+        status, op = (UNFUSED, None) if skipped else (FUSED, ops.get(layer["layer"]))
+        records.append(SiteRecord(layer["layer"], rule, status, op=op, reason=skipped).as_dict())
+    return records
 
 
 def select(scores: np.ndarray, sparsity: float, balanced: bool) -> np.ndarray:

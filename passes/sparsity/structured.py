@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from txcompile.graph import ort as rt
+from txcompile.graph.nodes import MS_DOMAIN
 
 from .linears import Linear
 
@@ -28,7 +29,10 @@ ELEMENTWISE = {
         "Exp", "Sqrt", "Softplus", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Identity",
     )
 }  # fmt: skip
-ELEMENTWISE |= {("com.microsoft", op) for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu")}
+ELEMENTWISE |= {(MS_DOMAIN, op) for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu")}
+
+
+SHARED = "has another consumer outside the layer pair"  # a pair that would be a region but for this
 
 
 @dataclasses.dataclass
@@ -94,7 +98,7 @@ def _region(sink: Linear, by_node: dict[int, Linear]) -> tuple[ChannelRegion | N
     for node in [*nodes.values(), *(s.node for s in sources.values())]:
         out = node.outputs[0]
         if out.is_graph_output() or any(id(use.node) not in inside for use in out.uses()):
-            return None, f"{out.name} has another consumer outside the layer pair"
+            return None, f"{out.name} {SHARED}"
     graph = sink.node.graph
     ordered = [node for node in graph if id(node) in nodes]
     ordered_sources = [sources[id(node)] for node in graph if id(node) in sources]

@@ -10,6 +10,8 @@ import numpy as np
 import onnx_ir as ir
 
 from txcompile.graph import ort as rt
+from txcompile.graph.build import GraphBuilder
+from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.runtime import bench
 
 from . import column_groups
@@ -18,32 +20,27 @@ RUNS = 15  # per side, in blocks of 3
 
 
 def layer_model(build, k: int, tokens: int) -> bytes:
-    """A one-layer model: x [tokens, K] -> build(tape, x) -> y."""
-    tape = ir.tape.Tape()
+    """A one-layer model: x [tokens, K] -> build(builder, x) -> y."""
     x = ir.val("x", dtype=ir.DataType.FLOAT, shape=ir.Shape([tokens, k]))
-    y = build(tape, x)
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18, MS_DOMAIN: 1}, name="layer")
+    builder = GraphBuilder(graph, "layer")
+    y = build(builder, x)
+    builder.commit()
     y.name = "y"
-    graph = ir.Graph(
-        [x],
-        [y],
-        nodes=tape.nodes,
-        initializers=tape.initializers,
-        opset_imports={"": 18, "com.microsoft": 1},
-        name="layer",
-    )
+    graph.outputs.append(y)
     return ir.serde.serialize_model(ir.Model(graph, ir_version=9)).SerializeToString()
 
 
 def dense_builder(weight: np.ndarray):
-    def build(tape, x):
-        return tape.op("MatMul", [x, tape.initializer(ir.tensor(weight, name="w"))])
+    def build(builder: GraphBuilder, x):
+        return builder.op("MatMul", x, builder.const(weight))
 
     return build
 
 
 def groups_builder(groups: column_groups.ColumnGroups, int8: bool):
-    def build(tape, x):
-        return column_groups.emit(tape, x, groups, "cg", rank=2, int8=int8)[0]
+    def build(builder: GraphBuilder, x):
+        return column_groups.emit(builder, x, groups, rank=2, int8=int8)[0]
 
     return build
 

@@ -38,6 +38,9 @@ import platform
 import numpy as np
 import onnx_ir as ir
 
+from txcompile.graph.build import GraphBuilder
+from txcompile.graph.nodes import MS_DOMAIN
+
 ACTIVATION_LEVELS = 127  # symmetric per token, stored as uint8 around 128
 ZERO_POINT = 128
 WEIGHT_BITS_KEY = "txcompile.int8_weight_bits"
@@ -182,50 +185,41 @@ def calibration_rows(value: np.ndarray) -> np.ndarray:
 
 
 class Emitter:
-    """Builds the int8 graph on a tape: one quantization per input, one product per linear."""
+    """Builds the int8 graph with a GraphBuilder: one quantization per input, one product per linear."""
 
-    def __init__(self, tape: ir.tape.Tape, opset: int, prefix: str, bits: int) -> None:
-        self.tape, self.opset, self.prefix, self.bits = tape, opset, prefix, bits
-        self.count = 0
+    def __init__(self, builder: GraphBuilder, opset: int, bits: int) -> None:
+        self.builder, self.opset, self.bits = builder, opset, bits
 
-    def const(self, array: np.ndarray, suffix: str) -> ir.Value:
-        self.count += 1
-        name = f"{self.prefix}_{suffix}_{self.count}"
-        return self.tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name))
+    def const(self, array: np.ndarray) -> ir.Value:
+        return self.builder.const(np.ascontiguousarray(array))
 
     def _reduce(self, op: str, x: ir.Value) -> ir.Value:
         if self.opset >= 18:
-            return self.tape.op(op, [x, self.const(np.array([-1], np.int64), "axis")], {"keepdims": 0})
-        return self.tape.op(op, [x], {"axes": [-1], "keepdims": 0})
+            return self.builder.op(op, x, self.const(np.array([-1], np.int64)), keepdims=0)
+        return self.builder.op(op, x, axes=[-1], keepdims=0)
 
     def quantize(self, x: ir.Value, k: int, scheme: Scheme) -> tuple[ir.Value, ir.Value | None]:
         """Per token: (uint8 X [M, K], its per-row scale [M, 1]); per tensor: (X, smoothed if
         asked, None) — DynamicQuantizeMatMul quantizes it itself."""
-        tape = self.tape
+        b = self.builder
         if not scheme.per_token:
             return self._smooth(x, scheme.divisor), None
-        flat = self._smooth(
-            tape.op("Reshape", [x, self.const(np.array([-1, k], np.int64), "rows")]), scheme.divisor
-        )
-        peak = tape.op(
-            "Max", [self._reduce("ReduceMax", flat), tape.op("Neg", [self._reduce("ReduceMin", flat)])]
-        )
-        scale = tape.op("Mul", [peak, self.const(np.array(1.0 / ACTIVATION_LEVELS, np.float32), "inv")])
+        flat = self._smooth(b.op("Reshape", x, self.const(np.array([-1, k], np.int64))), scheme.divisor)
+        peak = b.op("Max", self._reduce("ReduceMax", flat), b.op("Neg", self._reduce("ReduceMin", flat)))
+        scale = b.op("Mul", peak, self.const(np.array(1.0 / ACTIVATION_LEVELS, np.float32)))
         # an all-zero row quantizes to zeros; the floor only keeps the division finite
-        scale = tape.op("Max", [scale, self.const(np.array(1e-30, np.float32), "floor")])
-        zero = tape.op(
-            "ConstantOfShape",
-            [tape.op("Shape", [scale])],
-            {"value": ir.tensor(np.array([ZERO_POINT], np.uint8))},
+        scale = b.op("Max", scale, self.const(np.array(1e-30, np.float32)))
+        zero = b.op(
+            "ConstantOfShape", b.op("Shape", scale), value=ir.tensor(np.array([ZERO_POINT], np.uint8))
         )
-        quantized = tape.op("QuantizeLinear", [flat, scale, zero], {"axis": 0})
-        column = tape.op("Unsqueeze", [scale, self.const(np.array([1], np.int64), "col")])
+        quantized = b.op("QuantizeLinear", flat, scale, zero, axis=0)
+        column = b.op("Unsqueeze", scale, self.const(np.array([1], np.int64)))
         return quantized, column
 
     def _smooth(self, x: ir.Value, divisor: np.ndarray | None) -> ir.Value:
         if divisor is None:
             return x
-        return self.tape.op("Mul", [x, self.const((1.0 / divisor).astype(np.float32), "smooth")])
+        return self.builder.op("Mul", x, self.const((1.0 / divisor).astype(np.float32)))
 
     def product(
         self,
@@ -237,27 +231,22 @@ class Emitter:
         bias: ir.Value | None,
     ) -> ir.Value:
         """X @ W (+ bias) in int8, shaped like X with its last axis N."""
-        tape = self.tape
+        b = self.builder
         w = weight.astype(np.float32)
         if divisor is not None:
             w = w * divisor[:, None]
         wq, w_scale = quantize_weight(w, self.bits)
         if row_scale is None:
-            out = tape.op(
-                "DynamicQuantizeMatMul",
-                [quantized, self.const(wq, "weight_int8"), self.const(w_scale, "weight_scale")],
-                domain="com.microsoft",
+            out = b.op(
+                "DynamicQuantizeMatMul", quantized, self.const(wq), self.const(w_scale), domain=MS_DOMAIN
             )
-            return out if bias is None else tape.op("Add", [out, bias])
-        acc = tape.op(
-            "MatMulInteger",
-            [quantized, self.const(wq, "weight_int8"), self.const(np.array(ZERO_POINT, np.uint8), "zp")],
-        )
-        scales = tape.op("Mul", [row_scale, self.const(w_scale, "weight_scale")])
-        out = tape.op("Mul", [tape.op("Cast", [acc], {"to": ir.DataType.FLOAT}), scales])
-        lead = tape.op("Shape", [x], {"end": -1})
-        shape = tape.op("Concat", [lead, self.const(np.array([w.shape[1]], np.int64), "n")], {"axis": 0})
-        out = tape.op("Reshape", [out, shape])
+            return out if bias is None else b.op("Add", out, bias)
+        acc = b.op("MatMulInteger", quantized, self.const(wq), self.const(np.array(ZERO_POINT, np.uint8)))
+        scales = b.op("Mul", row_scale, self.const(w_scale))
+        out = b.op("Mul", b.op("Cast", acc, to=ir.DataType.FLOAT), scales)
+        lead = b.op("Shape", x, end=-1)
+        shape = b.op("Concat", lead, self.const(np.array([w.shape[1]], np.int64)), axis=0)
+        out = b.op("Reshape", out, shape)
         # after the Reshape: ORT 1.32 fuses an Add right after the Mul into MatMulIntegerToFloat's
         # bias, which that kernel then drops when the A scale is per row (measured here)
-        return out if bias is None else tape.op("Add", [out, bias])
+        return out if bias is None else b.op("Add", out, bias)

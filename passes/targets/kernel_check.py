@@ -16,7 +16,9 @@ import onnx_ir as ir
 from txcompile.graph import kernels
 from txcompile.graph.nodes import op_key
 from txcompile.passes.base import TxPass
+from txcompile.passes.rules import UNFUSED, SiteRecord
 
+NO_KERNEL = "no-kernel"
 SKIPPED = {("ai.onnx", "Constant")}  # ORT turns these into initializers; no kernel runs
 LISTED = 50
 CONSEQUENCE = {
@@ -65,7 +67,8 @@ def _version(opsets: dict[str, int], domain: str) -> int:
 
 
 def missing_kernels(model: ir.Model, table: kernels.KernelTable) -> tuple[int, list[dict]]:
-    """(nodes checked, one entry per node without a kernel on the table's provider)."""
+    """(nodes checked, one site record per node without a kernel on the table's provider: the
+    shared keys — site, rule, status, op, reason — plus the opset and the bound types)."""
     dtypes = value_dtypes(model)
     local_functions = {(f.domain, f.name) for f in model.functions.values()}
     checked, missing = 0, []
@@ -81,16 +84,10 @@ def missing_kernels(model: ir.Model, table: kernels.KernelTable) -> tuple[int, l
         binding = kernels.bind(schema, inputs, outputs) if schema is not None else {}
         reason = table.why_not(node.domain, node.op_type, version, binding)
         if reason:
-            missing.append(
-                {
-                    "node": node.name or "",
-                    "op": op_key(node),
-                    "opset": version,
-                    "types": binding,
-                    "why": reason,
-                }
-            )
-    return checked, missing
+            site = node.name or node.outputs[0].name or node.op_type
+            extra = {"opset": version, "types": binding}
+            missing.append(SiteRecord(site, NO_KERNEL, UNFUSED, op=op_key(node), reason=reason, extra=extra))
+    return checked, [m.as_dict() for m in missing]
 
 
 class KernelCheck(TxPass):
@@ -100,7 +97,7 @@ class KernelCheck(TxPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         table = kernels.table_for(self.context.device)
         checked, missing = missing_kernels(model, table)
-        by_reason = collections.Counter(m["why"] for m in missing)
+        by_reason = collections.Counter(m["reason"] for m in missing)
         self.details = {
             "provider": table.provider,
             "table": table.source,
@@ -111,5 +108,5 @@ class KernelCheck(TxPass):
             "sites": missing[:LISTED],
         }
         if missing:
-            self.rule_counts["no-kernel"] = len(missing)
+            self.rule_counts[NO_KERNEL] = len(missing)
         return ir.passes.PassResult(model, False)

@@ -8,7 +8,9 @@ into the weights where that pays. The pass measures the error against the
 fp32 graph on the verification inputs and, when ``--min-cosine`` asks for it, leaves the most
 sensitive products in fp32. Sensitivity is measured, not guessed: each product is recomputed
 from its recorded input activation with the int8 rounding, and the worst ones stay fp32 first.
-int4 is onnxruntime's MatMulNBitsQuantizer.
+Each product is then rewritten by one rule, ``int8-matmul`` (int8_rule.py), which records
+every MatMul/Gemm it looked at in ``details["sites"]``. int4 is onnxruntime's
+MatMulNBitsQuantizer (a whole-model tool, no per-site records).
 
 Approximate: reports the cosine and the largest difference against fp32.
 """
@@ -26,11 +28,14 @@ import onnx_ir as ir
 
 from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError
+from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.graph.probe import probe_values
 from txcompile.passes.base import TxPass
+from txcompile.passes.rules import SiteRecord, apply_rule
 from txcompile.passes.sparsity.calibration import calibration_feeds
 from txcompile.passes.sparsity.linears import Linear, find_linears
 from txcompile.passes.targets import int8_matmul
+from txcompile.passes.targets.int8_rule import Int8MatMulRule, Int8State, Tally, linear_key
 from txcompile.passes.targets.precision import requested_precision
 
 INT4_BLOCK = 32
@@ -112,6 +117,8 @@ class Quantize(TxPass):
             "most_sensitive": [{"node": n, "relative_error": e} for n, e in ranking[:10]],
             **(plan.describe() if plan else {}),
         }
+        if plan is not None:
+            self.details["sites"] = [r.as_dict() for r in plan.records.get(frozenset(excluded), [])]
         if self.min_cosine is not None and score.get("cosine", 1.0) < self.min_cosine:
             self.details["note"] = "cosine stays below --min-cosine even with every MatMul in fp32"
         _replace_graph(model, quantized)
@@ -171,12 +178,13 @@ class Int8Plan:
         self.original, self.candidates = original, set(candidates)
         self.bits = bits or int8_matmul.weight_bits()
         self.mode = mode
+        self.records: dict[frozenset[str], list[SiteRecord]] = {}  # per build: what each site became
         model = ir.serde.deserialize_model(original)
         self.groups: dict[str, list[tuple[str, np.ndarray]]] = {}
         inputs = []
         for linear in _linears(model.graph, self.candidates):
             inputs.append(linear.node.inputs[0])
-            self.groups.setdefault(inputs[-1].name, []).append((_key(linear), linear.matrix()))
+            self.groups.setdefault(inputs[-1].name, []).append((linear_key(linear), linear.matrix()))
         recorded = probe_values(model, inputs, feeds) if feeds else {}
         self.rows = {name: int8_matmul.calibration_rows(v) for name, v in recorded.items()}
         self.schemes = {
@@ -185,29 +193,13 @@ class Int8Plan:
         }
 
     def build(self, exclude: list[str]) -> onnx.ModelProto:
+        """The int8 graph with ``exclude`` kept fp32; its site records go to ``self.records``."""
         model = ir.serde.deserialize_model(self.original)
-        graph, skip = model.graph, set(exclude)
-        emitter_opset = _default_opset(model)
-        by_input: dict[str, list[Linear]] = {}
-        for linear in _linears(graph, self.candidates - skip):
-            by_input.setdefault(linear.node.inputs[0].name, []).append(linear)
-        for index, (name, linears) in enumerate(by_input.items()):
-            tape = ir.tape.Tape()
-            emitter = int8_matmul.Emitter(tape, emitter_opset, f"int8_{index}", self.bits)
-            x = linears[0].node.inputs[0]
-            scheme = self.schemes[name]
-            quantized, row_scale = emitter.quantize(x, linears[0].shape[0], scheme)
-            shared_nodes = list(tape.nodes)
-            _splice(graph, linears[0].node, tape, shared_nodes)
-            for linear in linears:
-                tape = ir.tape.Tape()
-                emitter.tape = tape
-                bias = linear.node.inputs[2] if linear.is_gemm and len(linear.node.inputs) > 2 else None
-                out = emitter.product(x, quantized, row_scale, linear.matrix(), scheme.divisor, bias)
-                _splice(graph, linear.node, tape, list(tape.nodes))
-                _replace(graph, linear, out)
-        if any(not self.schemes[name].per_token for name in by_input):
-            model.opset_imports.setdefault("com.microsoft", 1)  # DynamicQuantizeMatMul
+        state = Int8State(self.schemes, self.bits, _default_opset(model), self.candidates, set(exclude))
+        records = apply_rule(Tally(), Int8MatMulRule(), model, state)
+        self.records[frozenset(exclude)] = records
+        if any(not self.schemes[name].per_token for name in state.inputs):
+            model.opset_imports.setdefault(MS_DOMAIN, 1)  # DynamicQuantizeMatMul
         return ir.serde.serialize_model(model)
 
     def sensitivity(self) -> list[tuple[str, float]]:
@@ -240,31 +232,7 @@ class Int8Plan:
 
 
 def _linears(graph: ir.Graph, names: set[str]) -> list[Linear]:
-    return [linear for linear in find_linears(graph) if _key(linear) in names]
-
-
-def _key(linear: Linear) -> str:
-    return linear.node.name or linear.node.outputs[0].name
-
-
-def _splice(graph: ir.Graph, before: ir.Node, tape: ir.tape.Tape, nodes: list[ir.Node]) -> None:
-    for value in tape.initializers:
-        if value.name not in graph.initializers:
-            graph.register_initializer(value)
-    graph.insert_before(before, nodes)
-    for node in nodes:
-        node.metadata_props["txcompile.rule"] = "int8-matmul"
-
-
-def _replace(graph: ir.Graph, linear: Linear, out: ir.Value) -> None:
-    node, old = linear.node, linear.node.outputs[0]
-    out.type, out.shape = old.type, old.shape
-    name = old.name
-    ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    out.name = name  # the product keeps its name: reports and --compare still find it
-    if not list(linear.weight.uses()) and not linear.weight.is_graph_output():
-        graph.initializers.pop(linear.weight.name, None)
+    return [linear for linear in find_linears(graph) if linear_key(linear) in names]
 
 
 def _default_opset(model: ir.Model) -> int:
@@ -296,7 +264,7 @@ def quantize_int4(proto: onnx.ModelProto, exclude: list[str], device: str) -> on
 def quantizable_matmuls(proto: onnx.ModelProto) -> list[str]:
     """MatMul/Gemm nodes (by name, else by output) whose weight is a constant 2-D float32 matrix."""
     graph = ir.serde.deserialize_model(proto).graph
-    return [_key(linear) for linear in find_linears(graph) if linear.matrix().dtype == np.float32]
+    return [linear_key(linear) for linear in find_linears(graph) if linear.matrix().dtype == np.float32]
 
 
 def own_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -340,7 +308,7 @@ def int4_sensitivity(original: onnx.ModelProto, candidates: list[str], feeds) ->
         w = linear.matrix().astype(np.float64)
         exact = x @ w
         error = np.linalg.norm(x @ _fake_int4(w) - exact) / max(np.linalg.norm(exact), 1e-30)
-        scores.append((_key(linear), float(error)))
+        scores.append((linear_key(linear), float(error)))
     return sorted(scores, key=lambda item: -item[1])
 
 

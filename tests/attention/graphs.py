@@ -170,3 +170,48 @@ def max_diff(a: onnx.ModelProto, b: onnx.ModelProto, inputs: dict[str, np.ndarra
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+def heads_first(model: onnx.ModelProto, which: str) -> onnx.ModelProto:
+    """Q or K worked on in the head-split [B, N, S, D] form (a Relu there, as rotary embeddings do
+    in LLaMA): the graph then has no [B, S, hidden] tensor the fused op could read directly.
+    ``which`` is "q" (Q = Relu(split Q)) or "k" (Kᵀ = Transpose(0, 1, 3, 2)(Relu(split K)))."""
+    nodes = list(model.graph.node)
+    if which == "q":
+        index = next(i for i, n in enumerate(nodes) if list(n.output) == ["q"])
+        nodes[index].output[0] = "q4"
+        added = [helper.make_node("Relu", ["q4"], ["q"])]
+    else:
+        index = next(i for i, n in enumerate(nodes) if list(n.output) == ["k_t"])
+        transpose = nodes[index]
+        transpose.output[0] = "k4"
+        del transpose.attribute[:]
+        transpose.attribute.append(helper.make_attribute("perm", [0, 2, 1, 3]))
+        added = [
+            helper.make_node("Relu", ["k4"], ["k4r"]),
+            helper.make_node("Transpose", ["k4r"], ["k_t"], perm=[0, 1, 3, 2]),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[: index + 1] + added + nodes[index + 1 :])
+    onnx.checker.check_model(model)
+    return model
+
+
+def causal(model: onnx.ModelProto, seq: int = SEQ) -> onnx.ModelProto:
+    """Add a causal mask (a constant [1, 1, S, S] bias) to the scores before the Softmax:
+    with the padding mask, exactly the "causal ∧ key is not padding" GroupQueryAttention applies."""
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    scores = softmax.input[0]
+    bias = np.where(np.tril(np.ones((seq, seq), bool)), 0.0, MIN).astype(np.float32)[None, None]
+    model.graph.initializer.append(numpy_helper.from_array(bias, "causal_bias"))
+    softmax.input[0] = "causal_scores"
+    index = list(model.graph.node).index(softmax)
+    model.graph.node.insert(index, helper.make_node("Add", [scores, "causal_bias"], ["causal_scores"]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def add_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """Make an intermediate a graph output too (another consumer of that value)."""
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return model

@@ -33,8 +33,10 @@ def test_self_attention_becomes_packed_attention(scale_where, mask, nan_guard):
     assert _sites(tx_pass) == [
         {
             "site": _sites(tx_pass)[0]["site"],
+            "rule": "attention-packed-qkv",
             "status": "fused",
             "op": "com.microsoft.Attention",
+            "reason": None,
             "scale": pytest.approx(1.0 if scale_where == "none" else 8**-0.5, rel=1e-5),
             "bias": {"add": ["add"], "where": ["fill-false"], "none": None}[mask],
         }

@@ -85,3 +85,17 @@ def optimize(model: onnx.ModelProto, passes: list[str], cleanup: bool = True):
     settings = compiler.Settings(passes=(CLEANUP if cleanup else []) + passes, dims=DIMS)
     outcome = compiler.optimize(model, settings, source="test", output="unused.onnx")
     return outcome.model, {r["name"]: r for r in outcome.report["passes"]}
+
+
+def sites(record: dict, status: str, *rules: str) -> list[dict]:
+    """The pass's site records (details["sites"]) with ``status``, of ``rules`` when given."""
+    found = record["details"]["sites"]
+    return [s for s in found if s["status"] == status and (not rules or s["rule"] in rules)]
+
+
+def unfused(record: dict, *rules: str) -> list[dict]:
+    return sites(record, "unfused", *rules)
+
+
+def fused(record: dict, *rules: str) -> list[dict]:
+    return sites(record, "fused", *rules)

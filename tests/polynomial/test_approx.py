@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from numpy.polynomial import chebyshev as cheb
 
 from txcompile.graph import ort as rt
+from txcompile.graph.build import GraphBuilder
 from txcompile.graph.depth import depth_report
 from txcompile.passes.polynomial.approx import (
     LevelArith,
@@ -20,7 +21,7 @@ from txcompile.passes.polynomial.approx import (
     fit_chebyshev,
     fit_to_tolerance,
 )
-from txcompile.passes.polynomial.emit import GraphBuilder, OnnxArith
+from txcompile.passes.polynomial.emit import OnnxArith
 from txcompile.passes.polynomial.functions import erf, gelu_even, sigmoid_odd
 from txcompile.passes.polynomial.inverse import NewtonInverse, plan_inverse
 
@@ -92,7 +93,7 @@ def test_onnx_emission_matches_numpy_scheme():
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 20})
     anchor = ir.node("Identity", [x])
     graph.append(anchor)
-    builder = GraphBuilder(graph, anchor, "t")
+    builder = GraphBuilder(graph, "t", anchor)
     y = GELU.evaluate(OnnxArith(builder), x)
     builder.commit()
     y.name = "y"
@@ -162,7 +163,7 @@ def test_emitted_inverse_with_factor_costs_what_levels_count():
     graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": 20})
     anchor = ir.node("Identity", [inputs[0]])
     graph.append(anchor)
-    builder = GraphBuilder(graph, anchor, "t")
+    builder = GraphBuilder(graph, "t", anchor)
     plan = plan_inverse("invsqrt", 0.5, 0.05, 2.05, 1e-3, factor=True)
     y = plan.evaluate(OnnxArith(builder), inputs[0], factor=inputs[1])
     builder.commit()

@@ -31,7 +31,7 @@ def test_no_cpu_kernel_is_caught():
     found = check(contrib("BiasSoftmax", ["scores", "bias"], is_inner_broadcast=0), "cpu")
     assert found.rule_counts["no-kernel"] == 1
     site = found.details["sites"][0]
-    assert site["op"] == "com.microsoft.BiasSoftmax" and site["why"] == "CPU has no BiasSoftmax kernel"
+    assert site["op"] == "com.microsoft.BiasSoftmax" and site["reason"] == "CPU has no BiasSoftmax kernel"
     assert "fail to load" in found.details["consequence"]
 
 
@@ -41,7 +41,7 @@ def test_wrong_dtype_on_cuda_is_caught_with_what_exists():
     )
     site = found.details["sites"][0]
     assert site["types"] == {"T": "float"}
-    assert site["why"] == "CUDA has no GroupQueryAttention kernel for T=float (has T: bfloat16 float16)"
+    assert site["reason"] == "CUDA has no GroupQueryAttention kernel for T=float (has T: bfloat16 float16)"
     assert "fall back to the CPU" in found.details["consequence"]
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from txcompile.graph.constants import constant_array, is_constant
+
 ARITHMETIC = {"Add", "Sub", "Neg", "Mul", "MatMul", "Gemm", "ReduceSum", "ReduceMean", "Pow"}
 DATA_MOVEMENT = {
     "Reshape",
@@ -29,21 +31,6 @@ DATA_MOVEMENT = {
     "Shape",
 }
 CONTRACT = ARITHMETIC | DATA_MOVEMENT
-
-
-def is_constant(value: ir.Value | None) -> bool:
-    if value is None:
-        return True
-    if value.const_value is not None:
-        return True
-    producer = value.producer()
-    return producer is not None and producer.op_type == "Constant"
-
-
-def constant_array(value: ir.Value):
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    return ir.convenience.get_const_tensor(value).numpy()
 
 
 def ciphertext_values(graph: ir.Graph) -> set[ir.Value]:

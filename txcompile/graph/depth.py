@@ -23,7 +23,8 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.graph.ckks import ciphertext_values, constant_array, is_constant
+from txcompile.graph.ckks import ciphertext_values
+from txcompile.graph.constants import constant_array, is_constant
 
 # Largest total coefficient-modulus bits per ring degree at 128-bit security (HE standard).
 MAX_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}

@@ -8,6 +8,7 @@ import onnx_ir as ir
 
 RULE_KEY = "txcompile.rule"
 PASS_KEY = "txcompile.pass"
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 
 
 def all_nodes(model: ir.Model) -> list[ir.Node]:

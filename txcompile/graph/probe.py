@@ -1,4 +1,4 @@
-"""Concrete shapes of the values attention fusion must understand.
+"""Concrete shapes and values of intermediates: the one "expose them and run ORT" probe.
 
 Heads and head size are read from the graph, never guessed: from static shapes where the
 exporter wrote them, otherwise by running the graph once on the verification inputs with the
@@ -42,11 +42,40 @@ def probe_values(
     return found
 
 
+def probe_runs(
+    model: ir.Model, names: Iterable[str], feeds_list: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, list[np.ndarray]]:
+    """Values by name for each feed set, from one session (calibration runs several sets)."""
+    names = sorted(set(names))
+    session, initializers = _exposed(model, names)
+    found: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for feeds in feeds_list:
+        outputs = {**rt.run(session, feeds), **{k: np.asarray(v) for k, v in feeds.items()}}
+        outputs.update({name: onnx.numpy_helper.to_array(t) for name, t in initializers.items()})
+        for name in names:
+            found[name].append(outputs[name])
+    return found
+
+
 def _probe(model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.ndarray]):
     """(computed values and feeds by name, wanted initializer protos by name)."""
     names = sorted({v.name for v in values if v is not None and v.name})
     if not feeds or not names:
         return {}, {}
+    session, initializers = _exposed(model, names)
+    wanted = set(names)
+    outputs = rt.run(session, feeds)
+    found = {name: value for name, value in outputs.items() if name in wanted}
+    found.update({name: np.asarray(value) for name, value in feeds.items() if name in wanted})
+    return found, initializers
+
+
+def _exposed(model: ir.Model, names: list[str]):
+    """A session (optimizations off) whose outputs include ``names``, and the wanted initializers.
+
+    The one place that exposes intermediates, so every probe keeps the >2 GiB path of
+    :func:`~txcompile.graph.ort.create_session`.
+    """
     proto = ir.serde.serialize_model(model)
     inferred = onnx.shape_inference.infer_shapes(proto) if proto.ByteSize() < rt.PROTOBUF_LIMIT else proto
     types = {vi.name: vi.type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
@@ -61,10 +90,7 @@ def _probe(model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.n
         if name in types:
             info.type.CopyFrom(types[name])
     session = rt.create_session(proto, optimize=False)
-    outputs = rt.run(session, feeds)
-    found = {name: value for name, value in outputs.items() if name in wanted}
-    found.update({name: np.asarray(value) for name, value in feeds.items() if name in wanted})
-    return found, {t.name: t for t in proto.graph.initializer if t.name in wanted}
+    return session, {t.name: t for t in proto.graph.initializer if t.name in wanted}
 
 
 class Shapes:

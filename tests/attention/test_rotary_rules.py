@@ -1,0 +1,112 @@
+"""RotaryRule (rotary-embedding): a match, non-matches with their reasons, shared intermediates.
+
+Every site lands in ``details["sites"]`` as the shared record (site, rule, status, op, reason).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from txcompile.passes.attention.rotary import FuseRotary, RotaryRule
+
+from .graphs import max_diff, op_types, run_pass
+from .test_rotary import HEAD_DIM, HEADS, rope_block, rope_feeds
+
+KEYS = {"site", "rule", "status", "op", "reason"}
+
+
+def _tags(model: onnx.ModelProto) -> dict[str, str]:
+    return {
+        n.op_type: p.value for n in model.graph.node for p in n.metadata_props if p.key == "txcompile.rule"
+    }
+
+
+def _with_extra_output(model: onnx.ModelProto, value: str) -> onnx.ModelProto:
+    shape = ["batch", HEADS, "seq", HEAD_DIM]
+    model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, shape))
+    return model
+
+
+def two_sites() -> onnx.ModelProto:
+    """Q and K rotated by the same cos/sin, as every LLaMA layer does: one cache for both."""
+    model = rope_block()
+    x_nodes = [n for n in model.graph.node if n.output[0] in {"x1", "x2", "neg_x2", "rotated", "x_cos"}]
+    x_nodes += [n for n in model.graph.node if n.output[0] in {"rotated_sin", "embedded"}]
+    rename = {name: f"k_{name}" for n in x_nodes for name in n.output} | {"x": "k"}
+    for node in x_nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [rename.get(i, i) for i in node.input]
+        copy.output[:] = [rename[o] for o in node.output]
+        model.graph.node.append(copy)
+    model.graph.node.append(helper.make_node("Add", ["y", "k_embedded"], ["both"]))
+    shape = ["batch", HEADS, "seq", HEAD_DIM]
+    model.graph.input.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, shape))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("both", TensorProto.FLOAT, shape))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _two_feeds(batch: int = 2, seq: int = 5):
+    feeds = rope_feeds(batch, seq)
+    return {**feeds, "k": feeds["x"][:, :, :, ::-1].copy()}
+
+
+def test_match_is_a_fused_shared_record_tagged_with_the_rule():
+    model = rope_block()
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=rope_feeds())
+    (site,) = tx_pass.details["sites"]
+    assert set(site) == KEYS
+    assert site == {
+        "site": "embedded",
+        "rule": RotaryRule.name,
+        "status": "fused",
+        "op": "RotaryEmbedding",
+        "reason": None,
+    }
+    assert (tx_pass.details["fused"], tx_pass.details["unfused"]) == (1, 0)
+    assert _tags(fused)["RotaryEmbedding"] == "rotary-embedding"
+    assert max_diff(model, fused, rope_feeds(batch=3, seq=11)) < 1e-5
+
+
+def test_q_and_k_share_one_cos_sin_cache():
+    model = two_sites()
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=_two_feeds())
+    assert tx_pass.rule_counts == {"rotary-embedding": 2}
+    assert op_types(fused).count("RotaryEmbedding") == 2
+    assert op_types(fused).count("Slice") == 2  # cos[..., :h] and sin[..., :h], once for both sites
+    assert max_diff(model, fused, _two_feeds(batch=3, seq=9)) < 1e-5
+
+
+def test_one_row_verification_batch_is_refused_with_its_reason():
+    tx_pass, fused = run_pass(FuseRotary, rope_block(), context_feeds=rope_feeds(batch=1))
+    assert "RotaryEmbedding" not in op_types(fused)
+    (site,) = tx_pass.details["sites"]
+    assert (site["rule"], site["status"], site["op"]) == ("rotary-embedding", "unfused", None)
+    assert (
+        site["reason"]
+        == "the verification batch has one row: cannot tell that cos/sin are shared by all rows"
+    )
+
+
+def test_partial_rotary_reason_names_the_slices():
+    tx_pass, _ = run_pass(FuseRotary, rope_block(first_half=3), context_feeds=rope_feeds())
+    (site,) = tx_pass.details["sites"]
+    assert site["status"] == "unfused"
+    assert site["reason"] == "the slices take (0, 3) and (3, 8) of 8 (partial rotary, or not halves)"
+
+
+def test_product_read_elsewhere_is_refused_and_the_graph_stays():
+    model = _with_extra_output(rope_block(), "x_cos")
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=rope_feeds())
+    assert [s["reason"] for s in tx_pass.details["sites"]] == ["an intermediate value has another consumer"]
+    assert op_types(fused) == op_types(model) and not tx_pass.rule_counts
+    assert max_diff(model, fused, rope_feeds()) == 0
+
+
+def test_rotated_value_as_graph_output_is_refused():
+    model = _with_extra_output(rope_block(), "embedded")
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=rope_feeds())
+    assert [s["reason"] for s in tx_pass.details["sites"]] == ["the rotated value is a graph output"]
+    assert "RotaryEmbedding" not in op_types(fused)

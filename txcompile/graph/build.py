@@ -1,0 +1,75 @@
+"""The one graph builder every rewrite uses: collect new nodes and constants, insert them once.
+
+A rewrite builds its replacement off to the side and commits it in one step, so a rule that
+gives up half way leaves the graph as it was. Constants get names unique in the graph and
+deterministic across runs (no global counters), so the same model compiles to the same bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+class GraphBuilder:
+    """New nodes and constants for one site; ``commit`` inserts them before ``anchor``."""
+
+    def __init__(self, graph: ir.Graph, prefix: str, anchor: ir.Node | None = None) -> None:
+        self.graph, self.prefix, self.anchor = graph, prefix, anchor
+        self.nodes: list[ir.Node] = []
+        self._count = 0
+
+    def op(self, op_type: str, *inputs: ir.Value | None, domain: str = "", **attributes) -> ir.Value:
+        """One node with one output: ``b.op("Mul", x, y)``, attributes as keywords."""
+        return self.ops(op_type, list(inputs), attributes, domain=domain)[0]
+
+    def ops(
+        self, op_type: str, inputs, attributes=None, domain: str = "", outputs: int = 1
+    ) -> list[ir.Value]:
+        """One node, all its outputs (for ops such as GroupQueryAttention that have several)."""
+        self._count += 1
+        node = ir.node(
+            op_type,
+            list(inputs),
+            attributes or None,
+            domain=domain,
+            num_outputs=outputs,
+            name=f"{self.prefix}/{op_type}_{self._count}",
+        )
+        self.nodes.append(node)
+        return list(node.outputs)
+
+    def const(self, value, dtype=None) -> ir.Value:
+        """An initializer; an array keeps its dtype, a Python number or list becomes float32
+        unless ``dtype`` says otherwise."""
+        if dtype is not None or not isinstance(value, np.ndarray):
+            value = np.asarray(value, dtype=dtype or np.float32)
+        name = self._free_name()
+        constant = ir.Value(name=name, const_value=ir.tensor(value, name=name))
+        constant.shape = ir.Shape(value.shape)
+        constant.type = ir.TensorType(ir.DataType.from_numpy(value.dtype))
+        self.graph.register_initializer(constant)
+        return constant
+
+    def outside_uses(self, value: ir.Value) -> int:
+        """Uses of ``value`` by nodes already in the graph (not the ones this builder made)."""
+        mine = set(map(id, self.nodes))
+        return sum(1 for use in value.uses() if id(use.node) not in mine)
+
+    def commit(self, anchor: ir.Node | None = None) -> list[ir.Node]:
+        """Insert the collected nodes before ``anchor`` (default: the builder's; none: append)."""
+        anchor = anchor or self.anchor
+        if self.nodes:
+            if anchor is None:
+                self.graph.extend(self.nodes)
+            else:
+                self.graph.insert_before(anchor, self.nodes)
+        nodes, self.nodes = self.nodes, []
+        return nodes
+
+    def _free_name(self) -> str:
+        while True:
+            self._count += 1
+            name = f"{self.prefix}/c{self._count}"
+            if name not in self.graph.initializers:
+                return name
