@@ -1,9 +1,10 @@
 """The instrumented pass manager: run, measure, verify, and roll back what breaks.
 
-Each pass runs on a fresh IR copy of the last accepted model. Afterwards the copy must pass
-the ONNX checker, load in onnxruntime on the target device and — for exact passes — match the
-outputs of the graph before it within ``atol`` on the verification inputs. Otherwise the pass
-is rolled back and the report says why, so the final model always loads and runs.
+Each pass runs on a fresh IR copy of the last accepted model; the manager times it, counts
+what it added and removed, tags the new nodes, and hands the serialized result to its
+instruments (instruments.py): the ONNX checker, then — when verifying — an onnxruntime run on
+the target device whose outputs an exact pass must match within ``atol``. A veto rolls the
+pass back and the report says why, so the final model always loads and runs.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError
 from txcompile.graph.nodes import PASS_KEY, RULE_KEY, all_nodes, op_key
+from txcompile.instruments import Instrument, NumericDrift, OnnxChecker, one_line
 from txcompile.passes.base import TxPass
 
 APPLIED, UNCHANGED, ROLLED_BACK = "applied", "unchanged", "rolled back"
@@ -66,25 +67,32 @@ class PassManager:
         atol: float = 1e-4,
         verify: bool = True,
         debug: bool = False,
+        instruments: Sequence[Instrument] = (),
     ) -> None:
         self.passes = list(passes)
         self.device = device
         self.atol = atol
         self.verify = verify
         self.debug = debug
+        self.extra_instruments = list(instruments)
 
     def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> PipelineResult:
-        outputs = rt.run(rt.create_session(model, self.device), feeds) if self.verify else None
-        reference = outputs
+        drift = NumericDrift(feeds, self.device, self.atol) if self.verify else None
+        instruments = [OnnxChecker(), *([drift] if drift else []), *self.extra_instruments]
+        for instrument in instruments:
+            instrument.start(model)
         records = []
         for tx_pass in self.passes:
-            record, candidate, candidate_outputs = self._run_one(tx_pass, model, feeds, outputs)
+            record, candidate = self._run_one(tx_pass, model, instruments)
             records.append(record)
             if record.status == APPLIED:
-                model, outputs = candidate, candidate_outputs
+                model = candidate
+                for instrument in instruments:
+                    instrument.accept()
+        reference, outputs = (drift.reference, drift.outputs) if drift else (None, None)
         return PipelineResult(model, records, reference, outputs)
 
-    def _run_one(self, tx_pass: TxPass, model: onnx.ModelProto, feeds, outputs):
+    def _run_one(self, tx_pass: TxPass, model: onnx.ModelProto, instruments: list[Instrument]):
         record = PassRecord(tx_pass.name, tx_pass.summary, tx_pass.exact)
         working = ir.serde.deserialize_model(model)
         before = all_nodes(working)  # the node objects themselves: ids stay unique while held
@@ -96,11 +104,7 @@ class PassManager:
             raise
         except Exception as err:  # a pass that raises is rolled back, never fatal
             record.seconds = time.perf_counter() - start
-            return (
-                self._rolled_back(record, f"raised {type(err).__name__}: {_one_line(err)}", err),
-                None,
-                None,
-            )
+            return self._rolled_back(record, f"raised {type(err).__name__}: {one_line(err)}", err), None
         record.seconds = time.perf_counter() - start
         record.rule_counts = dict(tx_pass.rule_counts)
         record.details = tx_pass.details
@@ -110,34 +114,18 @@ class PassManager:
         record.nodes_added, record.nodes_removed = len(added), len(removed)
         record.op_delta = _op_delta([op_key(n) for n in removed], [op_key(n) for n in added])
         if not result.modified and not added and not removed:
-            return record, None, None
+            return record, None
         for node in added:
             node.metadata_props.setdefault(PASS_KEY, tx_pass.name)
             node.metadata_props.setdefault(RULE_KEY, tx_pass.name)
         _keep_interface(result.model.graph, interface)
         candidate = ir.serde.serialize_model(result.model)
-        problem, candidate_outputs = self._check(candidate, feeds, outputs, tx_pass.exact, record)
-        if problem:
-            return self._rolled_back(record, problem), None, None
+        for instrument in instruments:
+            problem = instrument.after(candidate, tx_pass.exact, record)
+            if problem:
+                return self._rolled_back(record, problem), None
         record.status = APPLIED
-        return record, candidate, candidate_outputs
-
-    def _check(self, candidate, feeds, outputs, exact, record):
-        try:
-            if candidate.ByteSize() < rt.PROTOBUF_LIMIT:
-                onnx.checker.check_model(candidate)
-        except Exception as err:
-            return f"fails the ONNX checker: {_one_line(err)}", None
-        if not self.verify:
-            return None, None
-        try:
-            new_outputs = rt.run(rt.create_session(candidate, self.device), feeds)
-        except Exception as err:
-            return f"onnxruntime ({self.device}) cannot run it: {_one_line(err)}", None
-        record.max_diff = rt.max_abs_diff(outputs, new_outputs, rt.padded_rows(candidate, feeds))
-        if exact and not record.max_diff <= self.atol:
-            return f"exact pass drifted {record.max_diff:.3g} > atol {self.atol:g}", None
-        return None, new_outputs
+        return record, candidate
 
     def _rolled_back(self, record: PassRecord, reason: str, err: BaseException | None = None):
         record.status = ROLLED_BACK
@@ -170,11 +158,6 @@ def _op_delta(removed: list[str], added: list[str]) -> dict[str, int]:
     for op in added:
         delta[op] = delta.get(op, 0) + 1
     return {op: n for op, n in sorted(delta.items()) if n}
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
 
 
 def _node_delta(before: list[ir.Node], after: list[ir.Node]) -> tuple[list[ir.Node], list[ir.Node]]:

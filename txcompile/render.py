@@ -134,6 +134,50 @@ def attention_coverage(report: dict) -> list[dict]:
     return [{"site": s["site"], "status": "unfused", "reason": reason} for s in sites]
 
 
+def _last_runs(report: dict) -> list[dict]:
+    """The last run of each pass, in pipeline order: a pass run twice reports its final say."""
+    last = {r["name"]: r for r in report.get("passes", [])}
+    return list(last.values())
+
+
+def family_coverage(report: dict) -> list[list[str]]:
+    """Every rule family's site records, grouped: pass, rule, status, op, how many sites, reason.
+
+    Any pass whose details hold ``sites`` (the shared record of passes/rules.py) shows here, so
+    a new family needs no code in render. A rolled-back run's sites count as unfused.
+    """
+    rows: collections.Counter = collections.Counter()
+    for record in _last_runs(report):
+        sites = (record.get("details") or {}).get("sites")
+        if not isinstance(sites, list):
+            continue
+        rolled_back = record["status"] == "rolled back"
+        for site in sites:
+            if not isinstance(site, dict) or "status" not in site:
+                continue
+            if rolled_back:
+                key = (
+                    record["name"],
+                    site.get("rule") or "-",
+                    "unfused",
+                    "-",
+                    f"rolled back: {record['reason']}",
+                )
+            else:
+                key = (
+                    record["name"],
+                    site.get("rule") or "-",
+                    site["status"],
+                    site.get("op") or "-",
+                    site.get("reason") or "-",
+                )
+            rows[key] += 1
+    return [[name, rule, status, op, str(n), reason] for (name, rule, status, op, reason), n in rows.items()]
+
+
+FAMILY_HEAD = ["pass", "rule", "status", "op", "sites", "reason"]
+
+
 def coverage_rows(report: dict) -> list[list[str]]:
     return [
         [s["site"], s["status"], s.get("op") or "-", _mask_or_reason(s)] for s in attention_coverage(report)
@@ -141,7 +185,8 @@ def coverage_rows(report: dict) -> list[list[str]]:
 
 
 def _mask_or_reason(site: dict) -> str:
-    text = site.get("reason") or ", ".join(site.get("bias") or []) or "-"
+    bias = site.get("bias")
+    text = site.get("reason") or (", ".join(bias) if isinstance(bias, list) else "") or "-"
     return f"{text} ({site['note']})" if site.get("note") else text
 
 
@@ -176,6 +221,13 @@ def print_report(report: dict, console: Console | None = None) -> None:
         console.print(line, highlight=False)
     console.print(ops)
     console.print(passes)
+    if family_coverage(report):
+        families = Table(title="fusion coverage", show_edge=False)
+        for column in FAMILY_HEAD:
+            families.add_column(column, justify="right" if column == "sites" else "left")
+        for row in family_coverage(report):
+            families.add_row(*row, style=None if row[2] == "fused" else "red")
+        console.print(families)
     if coverage_rows(report):
         coverage = Table(title="attention coverage", show_edge=False)
         for column in COVERAGE_HEAD:
@@ -204,6 +256,7 @@ def to_html(report: dict) -> str:
         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>"
         f"<h1>txcompile report</h1>{lines}<h2>ops</h2>{table(['op', 'before', 'after', 'change'], ops)}"
         f"<h2>passes</h2>{passes}"
+        f"<h2>fusion coverage</h2>{table(FAMILY_HEAD, family_coverage(report))}"
         f"<h2>attention coverage</h2>{table(COVERAGE_HEAD, coverage_rows(report))}"
         "</body></html>\n"
     )

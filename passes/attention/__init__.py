@@ -1,5 +1,9 @@
 """The attention family: attention sites read once, then lowered to the op the target runs.
 
+Passes: ``fuse-embed-layernorm`` (embed_layernorm.py; sites embed_sites.py), ``fuse-rotary``
+(rotary.py; sites rotary_sites.py), ``fuse-attention`` (fusion.py), ``fuse-activations``
+(activations.py: onnxscript pattern rules), ``remove-padding`` (remove_padding.py).
+
 One import line per module. ``PASSES`` and ``RULES`` (rule name → class: the names in
 ``rule_counts`` and node metadata) are collected from what the lines import, so a module
 joins the family by adding its line. ``fuse-attention`` (fusion.py) reads each site
@@ -10,7 +14,9 @@ joins the family by adding its line. ``fuse-attention`` (fusion.py) reads each s
 
 from txcompile.passes.base import TxPass as _TxPass
 
+from .activations import FuseActivations
 from .bias import AttentionBias, FoldProjectionBias
+from .embed_layernorm import EmbedLayerNormRule, FuseEmbedLayerNorm
 from .fusion import FuseAttention, LowerAttention
 from .lower_gqa import GroupQueryAttention
 from .lower_ms import MultiHeadAttentionBnsh, MultiHeadAttentionBsh
@@ -18,6 +24,8 @@ from .lower_onnx import OnnxAttention
 from .lower_packed import PackedAttention, PackedMatMul
 from .output import QueryMergeHeads
 from .read import ReadAttention
+from .remove_padding import RemovePadding
+from .rotary import FuseRotary, RotaryRule
 
 _CLASSES = [v for k, v in dict(globals()).items() if isinstance(v, type) and not k.startswith("_")]
 PASSES = tuple(c for c in _CLASSES if issubclass(c, _TxPass))

@@ -11,36 +11,15 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
-from txcompile.graph import ort as rt
+from txcompile.graph.probe import probe_runs
 
 
 def capture(model: ir.Model, names: Iterable[str], feeds_list: list[Mapping[str, np.ndarray]]):
-    """Values by name for each feed set: ``{name: [array per feed set]}``."""
-    names = list(dict.fromkeys(names))
-    proto = ir.serde.serialize_model(model)
-    graph_outputs = {o.name for o in proto.graph.output}
-    known = {v.name: v for v in proto.graph.value_info}
-    for name in names:
-        if name not in graph_outputs:
-            info = onnx.ValueInfoProto()
-            info.name = name
-            if name in known:
-                info.CopyFrom(known[name])
-            proto.graph.output.append(info)
-    del proto.graph.value_info[:]
-    options = rt.session_options(optimize=False)
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-    captured: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for feeds in feeds_list:
-        values = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
-        for name, value in zip(names, values, strict=True):
-            captured[name].append(np.asarray(value, dtype=np.float64))
-    return captured
+    """Values by name for each feed set: ``{name: [array per feed set]}``, in float64."""
+    found = probe_runs(model, names, feeds_list)
+    return {name: [np.asarray(v, dtype=np.float64) for v in values] for name, values in found.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,7 +135,12 @@ def attention_block(
         outputs,
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return checked_model(graph)
+
+
+def checked_model(graph: onnx.GraphProto, opset: int = 18) -> onnx.ModelProto:
+    """A hand-built graph as a model the ONNX checker accepts."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
     onnx.checker.check_model(model)
     return model

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from txcompile.passes.attention.embed_layernorm import FuseEmbedLayerNorm
 
-from .graphs import max_diff, op_types, run_pass
+from .graphs import checked_model, max_diff, op_types, run_pass
 
 VOCAB, POSITIONS, TYPES, HIDDEN = 50, 32, 2, 16
 
@@ -61,10 +61,7 @@ def embedding_block(*, residual_reader: bool = False, lookup_read_elsewhere: boo
         outputs,
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model
+    return checked_model(graph)
 
 
 def embedding_feeds(batch: int = 2, seq: int = 7) -> dict[str, np.ndarray]:

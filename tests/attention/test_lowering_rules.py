@@ -82,6 +82,7 @@ def assert_fused(tx_pass, fused, model, site, rule, op):
 def test_the_family_lists_every_rule_name():
     names = {"query-merge-heads", "mha-bsh", "mha-bnsh-kv", "attention-packed-qkv", "mha-qkv-matmul", "gqa"}
     names |= {"onnx-attention", "fold-projection-bias", "attention-bias", "read-attention"}
+    names |= {"embed-layer-norm", "rotary-embedding"}  # the family's other RulePasses
     assert set(RULES) == names
 
 

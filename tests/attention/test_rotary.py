@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from txcompile.passes.attention.rotary import FuseRotary
 
-from .graphs import max_diff, op_types, run_pass
+from .graphs import checked_model, max_diff, op_types, run_pass
 
 HEADS, HEAD_DIM = 3, 8
 
@@ -59,10 +58,7 @@ def rope_block(*, shared_angles: bool = True, first_half: int = HEAD_DIM // 2, e
         outputs,
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model
+    return checked_model(graph)
 
 
 def rope_feeds(batch: int = 2, seq: int = 5, shared_angles: bool = True) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ import onnx_ir as ir
 
 from txcompile.graph import ort as rt
 from txcompile.graph.nodes import PASS_KEY, RULE_KEY
+from txcompile.instruments import Instrument
 from txcompile.pass_manager import APPLIED, ROLLED_BACK, UNCHANGED, PassManager
 from txcompile.passes.base import PassContext, TxPass
 
@@ -129,3 +130,26 @@ def test_unchanged_pass_is_not_verified(mlp):
     result = _run(mlp, Nothing)
     assert result.records[0].status == UNCHANGED and result.records[0].max_diff is None
     assert result.model is mlp
+
+
+class NoAbs(Instrument):
+    """A check of one's own: veto any candidate with an Abs node; count the accepted ones."""
+
+    def __init__(self):
+        self.accepted = 0
+
+    def after(self, candidate, exact, record):
+        return "has an Abs" if any(n.op_type == "Abs" for n in candidate.graph.node) else None
+
+    def accept(self):
+        self.accepted += 1
+
+
+def test_an_added_instrument_vetoes_a_candidate_the_built_in_checks_accept(mlp):
+    veto = NoAbs()
+    manager = PassManager([ApproximateReluToAbs(PassContext())], instruments=[veto])
+    result = manager.run(mlp, FEEDS)
+    [record] = result.records
+    assert (record.status, record.reason) == (ROLLED_BACK, "has an Abs")
+    assert record.max_diff > 1e-4  # the drift check ran first and filled the record
+    assert veto.accepted == 0 and "Abs" not in [n.op_type for n in result.model.graph.node]

@@ -190,3 +190,24 @@ def test_skip_rms_norm_leaves_a_branch_bias_with_another_reader():
     assert only(record, "skip-rms-norm")["bias"] is False  # the bias Add stays for Neg
     assert models.ops(out) == {"SkipSimplifiedLayerNormalization": 1, "Add": 2, "Neg": 1}
     assert np.isfinite(record["max_diff"])
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def test_inspect_shows_unfused_norm_sites_with_their_reason(tmp_path, capsys):
+    """Norm sites reach the shared coverage table, not only the JSON (any family's records do)."""
+    import onnx
+
+    from txcompile.cli import main
+
+    extra = [helper.make_node("Relu", ["d"], ["r"])]
+    source, out = tmp_path / "norm.onnx", tmp_path / "out.onnx"
+    onnx.save(build(layer_norm_nodes(extra=extra), outputs=[*Y, ("r", XS)]), source)
+    assert main(["optimize", str(source), "-o", str(out), "--passes", "fuse-norms"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "fusion coverage" in shown
+    [row] = [line for line in shown.splitlines() if "layer-norm" in line and "fuse-norms" in line]
+    assert "unfused" in row and "intermediate d is also read by Relu" in row
