@@ -20,12 +20,19 @@ from txcompile.passes.attention.read import AttentionState, Reading
 MHA = f"{MS_DOMAIN}.MultiHeadAttention"
 
 
-def emit_mha(reading: Reading, state: AttentionState, b: GraphBuilder, inputs: list) -> None:
-    """MultiHeadAttention over ``inputs`` (trailing empty ones dropped), in place of the site."""
+def emit_contrib(
+    reading: Reading,
+    state: AttentionState,
+    b: GraphBuilder,
+    inputs: list,
+    op_type: str = "MultiHeadAttention",
+) -> None:
+    """``op_type`` (a com.microsoft attention op) over ``inputs``, trailing empty ones dropped, in place
+    of the site."""
     while inputs and inputs[-1] is None:
         inputs.pop()
     attributes = {"num_heads": reading.layout.heads, "scale": float(reading.site.scale)}
-    output = b.ops("MultiHeadAttention", inputs, attributes, domain=MS_DOMAIN)[0]
+    output = b.ops(op_type, inputs, attributes, domain=MS_DOMAIN)[0]
     attach_output(reading, output, state.shapes, b, merged=True)
 
 
@@ -50,7 +57,7 @@ class MultiHeadAttentionBsh(Lowering):
         key_length = b.op("Shape", key, start=1, end=2)
         query_length = b.op("Shape", query, start=1, end=2)
         bias = AttentionBias().build(reading, state, b, query_length, key_length)
-        emit_mha(reading, state, b, [query, key, value, packed_bias, None, bias])
+        emit_contrib(reading, state, b, [query, key, value, packed_bias, None, bias])
 
 
 class MultiHeadAttentionBnsh(Lowering):
@@ -67,4 +74,4 @@ class MultiHeadAttentionBnsh(Lowering):
         key_length = b.op("Shape", key, start=2, end=3)
         query_length = b.op("Shape", query, start=1, end=2)
         bias = AttentionBias().build(reading, state, b, query_length, key_length)
-        emit_mha(reading, state, b, [query, key, reading.site.value, None, None, bias])
+        emit_contrib(reading, state, b, [query, key, reading.site.value, None, None, bias])

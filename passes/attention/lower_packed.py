@@ -14,9 +14,8 @@ import onnx_ir as ir
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.passes.attention.bias import AttentionBias, FoldProjectionBias
-from txcompile.passes.attention.lower_ms import MHA, emit_mha
+from txcompile.passes.attention.lower_ms import MHA, emit_contrib
 from txcompile.passes.attention.lowering import Lowering
-from txcompile.passes.attention.output import attach_output
 from txcompile.passes.attention.packing import Packed, packed_projection
 from txcompile.passes.attention.read import AttentionState, Reading
 from txcompile.passes.targets.precision import requested_precision
@@ -73,12 +72,9 @@ class PackedAttention(_PackedLowering):
             packed_bias = b.const(split_bias)
         elif packed_bias is None:
             packed_bias = b.const(np.zeros(weights.shape[1], np.float32))
-        inputs = [source, b.const(weights), packed_bias, None, None, bias]
-        while inputs[-1] is None:
-            inputs.pop()
-        attributes = {"num_heads": reading.layout.heads, "scale": float(reading.site.scale)}
-        output = b.ops("Attention", inputs, attributes, domain=MS_DOMAIN)[0]
-        attach_output(reading, output, state.shapes, b, merged=True)
+        emit_contrib(
+            reading, state, b, [source, b.const(weights), packed_bias, None, None, bias], "Attention"
+        )
 
 
 class PackedMatMul(_PackedLowering):
@@ -94,4 +90,4 @@ class PackedMatMul(_PackedLowering):
             packed_bias = b.const(split_bias)
         projected = b.op("MatMul", source, b.const(weights))
         parts = b.ops("Split", [projected], {"axis": -1, "num_outputs": 3}, outputs=3)
-        emit_mha(reading, state, b, [*parts, packed_bias, None, bias])
+        emit_contrib(reading, state, b, [*parts, packed_bias, None, bias])
