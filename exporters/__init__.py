@@ -7,6 +7,14 @@ exports it (dynamo first, TorchScript as fallback) and checks it in ONNX Runtime
 from .builtin import BUILTINS, DEFAULT_MODEL
 from .model import TorchModel
 from .spec import load_model_spec
-from .torch_export import ExportResult, export_onnx
+from .torch_export import SOURCE_KEY, ExportResult, export_onnx
 
-__all__ = ["BUILTINS", "DEFAULT_MODEL", "ExportResult", "TorchModel", "export_onnx", "load_model_spec"]
+__all__ = [
+    "BUILTINS",
+    "DEFAULT_MODEL",
+    "SOURCE_KEY",
+    "ExportResult",
+    "TorchModel",
+    "export_onnx",
+    "load_model_spec",
+]

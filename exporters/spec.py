@@ -64,7 +64,9 @@ def _load_factory(spec: str, path: Path, name: str) -> TorchModel:
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[module_name] = module
             loader_spec.loader.exec_module(module)
-        except (Exception, SystemExit) as err:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # the user's code may raise anything, SystemExit included
             sys.modules.pop(module_name, None)
             raise TxError(f"{spec}: cannot import {path}: {one_line(err)}") from err
         factory = getattr(module, name, None)
@@ -74,7 +76,9 @@ def _load_factory(spec: str, path: Path, name: str) -> TorchModel:
             raise TxError(f"{spec}: {name} in {path} is not callable")
         try:
             result = factory()
-        except (Exception, SystemExit) as err:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # the user's code may raise anything, SystemExit included
             raise TxError(f"{spec}: {name}() raised {one_line(err)}") from err
     return _from_factory_result(spec, name, result)
 

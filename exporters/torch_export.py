@@ -94,6 +94,8 @@ def export_onnx(
         except Exception as err:  # torch raises many types; each is a reason to fall back
             failures[name], last_error = one_line(err), err
             continue
+        if opset is not None and _opset(proto) != opset:
+            warnings.append(f"asked for opset {opset}; the {name} exporter wrote opset {_opset(proto)}")
         write_specs(proto, [spec for spec in synced if spec.name in kept])
         _set_metadata(proto, {SOURCE_KEY: model.source, EXPORTER_KEY: name})
         reason = failures.get("dynamo")

@@ -33,7 +33,45 @@ def _int_list(text: str) -> list[int]:
 
 
 def _names(text: str) -> list[str]:
-    return [n.strip() for n in text.split(",") if n.strip()]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no pass")
+    return names
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; a tolerance is 0 or more")
+    return value
+
+
+def _above_zero(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
+def _opset(text: str) -> int:
+    """An ONNX opset onnxruntime can run (7 on) and this onnx knows."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    value = _positive(text)
+    if not 7 <= value <= newest:
+        raise argparse.ArgumentTypeError(f"opset {value} is outside 7–{newest}")
+    return value
 
 
 def _add_shape_options(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +87,7 @@ def _add_shape_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_export_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--opset", type=_positive, help="ONNX opset to export with")
+    parser.add_argument("--opset", type=_opset, help="ONNX opset to export with")
     parser.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
@@ -71,7 +109,9 @@ def _add_optimize_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="cpu", help="cpu, gpu or he (default cpu)")
     parser.add_argument("--passes", type=_names, help="run exactly these passes, comma-separated")
     parser.add_argument("--disable-pass", type=_names, default=[], action="extend", help="skip these passes")
-    parser.add_argument("--atol", type=float, default=1e-4, help="tolerance for exact passes (default 1e-4)")
+    parser.add_argument(
+        "--atol", type=_tolerance, default=1e-4, help="tolerance for exact passes (default 1e-4)"
+    )
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip numeric verification")
     parser.add_argument("--inputs", help="verification inputs (.npz, one array per graph input)")
     _add_sparsity_options(parser)
@@ -105,8 +145,8 @@ def _add_he_options(parser: argparse.ArgumentParser) -> None:
         choices=["approx", "power-softmax"],
         help="approx: post-training polynomials (default); power-softmax: softmax → x^p / Σ x^p",
     )
-    parser.add_argument("--he-margin", type=float, help="widen calibrated ranges by this (default 1.5)")
-    parser.add_argument("--he-tol", type=float, help="max error per approximation on its domain (1e-3)")
+    parser.add_argument("--he-margin", type=_above_zero, help="widen calibrated ranges by this (default 1.5)")
+    parser.add_argument("--he-tol", type=_above_zero, help="max error per approximation on its domain (1e-3)")
     parser.add_argument("--he-power", type=_positive, help="even power p of power-softmax (default 4)")
     parser.add_argument(
         "--level-budget", type=_positive, help="CKKS levels available; deeper graphs need bootstrapping"
@@ -222,9 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     which = run.add_mutually_exclusive_group()
     which.add_argument("--compare", help="another .onnx to run on the same inputs")
     which.add_argument(
-        "--reference", action="store_true", help="compare with the PyTorch model this was exported from"
+        "--reference",
+        nargs="?",
+        const="",
+        metavar="MODEL",
+        help="compare with a PyTorch model: the one named (built-in, folder or file.py:factory), or, "
+        "with no value, the built-in this was exported from (code a model names is never run)",
     )
-    run.add_argument("--atol", type=float, default=1e-4)
+    run.add_argument("--atol", type=_tolerance, default=1e-4)
     run.add_argument(
         "--encrypted", action="store_true", help="evaluate a polynomial graph under CKKS (TenSEAL)"
     )

@@ -213,10 +213,8 @@ def run(args) -> int:
         other_model = modelio.load_model(args.compare)
         other, label = rt.run(rt.create_session(other_model, args.device), feeds), args.compare
         real_rows = real_rows or rt.padded_rows(other_model, feeds)  # either side may skip padding
-    elif args.reference:
-        source = {p.key: p.value for p in model.metadata_props}.get("txcompile.source")
-        if not source:
-            raise TxError(f"{args.model} records no PyTorch source (txcompile.source); use --compare")
+    elif args.reference is not None:
+        source = args.reference or _recorded_builtin(model, args.model)
         other, label = _torch_runner(_exporters().load_model_spec(source))(feeds), f"PyTorch ({source})"
     if other is not None:
         diff = rt.max_abs_diff(outputs, other, real_rows)
@@ -224,6 +222,20 @@ def run(args) -> int:
         if not diff <= args.atol:
             raise VerificationError(f"max diff {diff:.3g} vs {label} exceeds atol {args.atol:g}")
     return 0
+
+
+def _recorded_builtin(model, path: str) -> str:
+    """The built-in model ``model`` was exported from. A recorded folder or factory file is refused:
+    the file came with the model, so importing what it names would run code the user never named."""
+    source = {p.key: p.value for p in model.metadata_props}.get(_exporters().SOURCE_KEY)
+    if not source:
+        raise TxError(f"{path} records no PyTorch source; name one: --reference MODEL, or use --compare")
+    if source not in _exporters().BUILTINS:
+        raise TxError(
+            f"{path} was exported from {source!r}, which is not built in; "
+            f"name it yourself to run its code: --reference {source}"
+        )
+    return source
 
 
 def _run_encrypted(args, model, feeds) -> int:

@@ -57,6 +57,18 @@ def bad_forward():
     return Tagger(), {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
 
 
+class Stop(BaseException):
+    pass
+
+
+def base_exception():
+    raise Stop("not an Exception")
+
+
+def exits():
+    raise SystemExit(0)
+
+
 NOT_CALLABLE = 3
 """
 
@@ -135,6 +147,8 @@ def test_bad_specs(spec, message):
         ("not_a_module", r"not_a_module\(\) returned str, not a torch.nn.Module"),
         ("not_tensors", "example input input_ids is list, not a tensor"),
         ("bad_forward", r"forward fails on bad_forward\(\)'s example inputs: TypeError"),
+        ("base_exception", r"base_exception\(\) raised Stop: not an Exception"),
+        ("exits", r"exits\(\) raised SystemExit"),
     ],
 )
 def test_bad_factories(factory_file, factory, message):

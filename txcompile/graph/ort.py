@@ -22,6 +22,9 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 PROTOBUF_LIMIT = 2**31 - 2**24  # leave headroom below 2 GiB for the graph itself
 PADDED_OUTPUTS_KEY = "txcompile.padded_outputs"
 
+# also for events after import, where onnxruntime was imported before txcompile
+ort.disable_telemetry_events()
+
 
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
