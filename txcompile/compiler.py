@@ -19,7 +19,7 @@ from txcompile import pipelines, report
 from txcompile.graph import inputs as model_inputs
 from txcompile.graph import modelio
 from txcompile.graph import ort as rt
-from txcompile.graph.errors import TxError
+from txcompile.graph.errors import TxError, one_line
 from txcompile.graph.nodes import op_histogram
 from txcompile.pass_manager import PassManager, PipelineResult
 from txcompile.passes.base import PassContext
@@ -102,7 +102,7 @@ def _check_runs(model: onnx.ModelProto, feeds, device: str) -> None:
     try:
         rt.run(rt.create_session(model, device), feeds)
     except Exception as err:
-        raise TxError(f"the input model does not run in onnxruntime ({device}): {_one_line(err)}") from None
+        raise TxError(f"the input model does not run in onnxruntime ({device}): {one_line(err)}") from None
 
 
 def _verification(final, result: PipelineResult, feeds, settings: Settings, device, torch_reference):
@@ -132,7 +132,3 @@ def write(outcome: Outcome, output: str | Path) -> Path:
     path = report.report_path(output)
     modelio.write_text(path, report.dumps(outcome.report))
     return path
-
-
-def _one_line(err: BaseException) -> str:
-    return (str(err).strip() or type(err).__name__).splitlines()[0][:300]

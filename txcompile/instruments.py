@@ -13,11 +13,7 @@ import numpy as np
 import onnx
 
 from txcompile.graph import ort as rt
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
+from txcompile.graph.errors import one_line
 
 
 class Instrument:

@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from txcompile.graph.errors import TxError
+from txcompile.graph.errors import TxError, one_line
 from txcompile.graph.nodes import PASS_KEY, RULE_KEY, all_nodes, op_key
-from txcompile.instruments import Instrument, NumericDrift, OnnxChecker, one_line
+from txcompile.instruments import Instrument, NumericDrift, OnnxChecker
 from txcompile.passes.base import TxPass
 
 APPLIED, UNCHANGED, ROLLED_BACK = "applied", "unchanged", "rolled back"

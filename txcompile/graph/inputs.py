@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import onnx
 
-from txcompile.graph.errors import TxError
+from txcompile.graph.errors import TxError, one_line
 
 METADATA_KEY = "txcompile.inputs"
 DEFAULT_DIMS = {"batch": 2, "seq": 16}
@@ -42,7 +43,37 @@ class InputSpec:
 
     @classmethod
     def from_json(cls, data: Mapping) -> InputSpec:
-        return cls(**{**data, "shape": tuple(data["shape"])})
+        """A spec read from a model's metadata, which a downloaded file can fill with anything:
+        every field is checked, and a bad one raises ValueError naming it."""
+        if not isinstance(data, Mapping) or set(data) - FIELDS or not {"name", "dtype", "shape"} <= set(data):
+            raise ValueError(f"an entry is not an object with fields {', '.join(sorted(FIELDS))}")
+        name, dtype, shape = data["name"], data["dtype"], data["shape"]
+        kind, low, high = data.get("kind", "normal"), data.get("low", 0.0), data.get("high", 1.0)
+        if not isinstance(name, str) or dtype not in DTYPES:
+            raise ValueError(f"entry {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_dim(d) for d in shape):
+            raise ValueError(f"entry {name!r}: shape must list sizes (0 to 2^31) or axis names")
+        if kind not in KINDS:
+            raise ValueError(f"entry {name!r}: kind {kind!r} is not one of {', '.join(KINDS)}")
+        if not (_is_bound(low) and _is_bound(high) and low < high):
+            raise ValueError(f"entry {name!r}: low and high must be finite numbers with low < high")
+        return cls(name, dtype, tuple(shape), kind, low, high)
+
+
+FIELDS = {f.name for f in dataclasses.fields(InputSpec)}
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def _is_dim(dim) -> bool:
+    if isinstance(dim, str):
+        return 0 < len(dim) <= 256
+    return isinstance(dim, int) and not isinstance(dim, bool) and 0 <= dim < 2**31
+
+
+def _is_bound(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return abs(value) <= 2**63 and math.isfinite(value)
 
 
 def concrete_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
@@ -105,7 +136,13 @@ def read_specs(model: onnx.ModelProto) -> list[InputSpec]:
     recorded = {p.key: p.value for p in model.metadata_props}.get(METADATA_KEY)
     graph_inputs = _graph_inputs(model)
     if recorded:
-        specs = [InputSpec.from_json(d) for d in json.loads(recorded)]
+        try:
+            entries = json.loads(recorded)
+            if not isinstance(entries, list):
+                raise ValueError("not a list")
+            specs = [InputSpec.from_json(d) for d in entries]
+        except (ValueError, RecursionError) as err:
+            raise TxError(f"the model's {METADATA_KEY} metadata is unreadable: {err}") from None
         if sorted(s.name for s in specs) == sorted(i.name for i in graph_inputs):
             return specs
     return [_infer_spec(model, value) for value in graph_inputs]
@@ -114,13 +151,26 @@ def read_specs(model: onnx.ModelProto) -> list[InputSpec]:
 def load_npz(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     """Inputs given by the user; every graph input must be there."""
     try:
-        with np.load(path) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (.npy), not an .npz with one array per input")
+        with data:
             feeds = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as err:
-        raise TxError(f"cannot read inputs {path}: {err}") from None
+        unreadable = [k for k, v in feeds.items() if not isinstance(v, np.ndarray)]
+        if unreadable:
+            raise ValueError(f"member {unreadable[0]} is not an .npy array")
+    except Exception as err:  # numpy and zipfile raise many types for a malformed file
+        raise TxError(f"cannot read inputs {path}: {one_line(err)}") from None
     missing = [s.name for s in specs if s.name not in feeds]
     if missing:
         raise TxError(f"inputs {path} lack {', '.join(missing)}")
+    for spec in specs:
+        value = feeds[spec.name]
+        if value.dtype.kind not in "biuf" or value.ndim != len(spec.shape):
+            raise TxError(
+                f"inputs {path}: {spec.name} is {value.dtype} with {value.ndim} axes; "
+                f"the model takes {spec.dtype} with {len(spec.shape)}"
+            )
     return {s.name: feeds[s.name].astype(np.dtype(s.dtype)) for s in specs}
 
 

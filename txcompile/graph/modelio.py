@@ -16,7 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from txcompile.graph.errors import TxError
+from txcompile.graph.errors import TxError, one_line
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # models this large keep their weights in a .data file
 EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors stay inline even then
@@ -29,9 +29,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not path.is_file():
         raise TxError(f"{path}: not a file")
     try:
-        model = onnx.load(path, load_external_data=False)
+        model = onnx.load(path, format="protobuf", load_external_data=False)  # never by extension
     except (DecodeError, RuntimeWarning, ValueError, OSError) as err:
-        raise TxError(f"{path}: not a valid ONNX model (corrupt or truncated): {_first_line(err)}") from None
+        raise TxError(f"{path}: not a valid ONNX model (corrupt or truncated): {one_line(err)}") from None
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
         raise TxError(f"{path}: not a valid ONNX model (no graph; corrupt or truncated?)")
     _check_external_data(model, path)
@@ -39,7 +39,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.load_external_data_for_model(model, str(path.parent))
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
-        raise TxError(f"{path}: invalid ONNX model: {_first_line(err)}") from None
+        raise TxError(f"{path}: invalid ONNX model: {one_line(err)}") from None
     return model
 
 
@@ -127,8 +127,3 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(staged):
             os.unlink(staged)
         raise
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
