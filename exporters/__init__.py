@@ -6,7 +6,7 @@ exports it (dynamo first, TorchScript as fallback) and checks it in ONNX Runtime
 
 from .builtin import BUILTINS, DEFAULT_MODEL
 from .model import TorchModel
-from .spec import load_model_spec
+from .spec import load_model_spec, spec_files
 from .torch_export import SOURCE_KEY, ExportResult, export_onnx
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "TorchModel",
     "export_onnx",
     "load_model_spec",
+    "spec_files",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import re
 import sys
 from collections.abc import Iterator, Mapping
@@ -51,6 +52,19 @@ def load_model_spec(spec: str, *, attn_implementation: str | None = None) -> Tor
     if "/" in spec or "\\" in spec or spec.startswith("."):
         raise TxError(f"{spec}: no such folder (models are never downloaded; built-ins: {names})")
     raise TxError(f"{spec}: unknown model (built-ins: {names}; or a local folder, or file.py:factory)")
+
+
+def spec_files(spec: str) -> list[Path]:
+    """The files loading ``spec`` reads: the factory's .py, or every file of a model folder
+    (so that no output may replace them)."""
+    spec = str(spec).strip()
+    match = _FACTORY.match(spec)
+    if match:
+        return [Path(match["path"])]
+    path = Path(spec)
+    if spec not in BUILTINS and path.is_dir():
+        return [p for p in itertools.islice(path.rglob("*"), 100_000) if p.is_file()]
+    return []
 
 
 def _load_factory(spec: str, path: Path, name: str) -> TorchModel:

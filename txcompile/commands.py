@@ -13,7 +13,7 @@ from rich.table import Table
 
 from txcompile import compiler, pipelines, render, report
 from txcompile.graph import inputs as model_inputs
-from txcompile.graph import modelio
+from txcompile.graph import modelio, writes
 from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError, VerificationError
 from txcompile.passes.targets import int8_matmul
@@ -70,8 +70,20 @@ def _export(args):
     return torch_model, result, dims
 
 
+def _model_outputs(output: str | Path) -> list[Path]:
+    """A model output with the files written beside it: external data and the report."""
+    output = Path(output)
+    return [output, output.with_name(output.name + ".data"), report.report_path(output)]
+
+
+def _read_by(path: str) -> list[Path]:
+    """A loaded model's file and the external data files it read."""
+    return [Path(path), *modelio.external_files(path)]
+
+
 def export(args) -> int:
-    output = modelio.check_output_path(args.output)
+    output = Path(args.output)
+    writes.check_outputs(_model_outputs(output)[:2], _exporters().spec_files(args.model))
     _, result, _ = _export(args)
     modelio.save_model(result.model, output)
     console.print(f"wrote {output}")
@@ -97,18 +109,20 @@ def _finish(outcome: compiler.Outcome, output: Path, strict: bool = False) -> in
 
 
 def optimize(args) -> int:
-    output = modelio.check_output_path(args.output, args.model)
+    output, given = Path(args.output), [args.model, args.inputs, args.calib]
+    writes.check_outputs(_model_outputs(output), given)
     pipelines.pass_names(args.target, args.passes, args.disable_pass)
     model = modelio.load_model(args.model)
+    writes.check_outputs(_model_outputs(output), [*_read_by(args.model), *given[1:]])
     dims = model_inputs.dims_from_shapes(model_inputs.read_specs(model), args.input_shape, _base_dims(args))
     outcome = compiler.optimize(model, _settings(args, dims), source=args.model, output=str(output))
     return _finish(outcome, output, strict=getattr(args, "strict", False))
 
 
 def compile(args) -> int:
-    output = modelio.check_output_path(args.output)
-    if args.save_export:
-        modelio.check_output_path(args.save_export, args.output)
+    output = Path(args.output)
+    outputs = _model_outputs(output) + (_model_outputs(args.save_export)[:2] if args.save_export else [])
+    writes.check_outputs(outputs, [*_exporters().spec_files(args.model), args.inputs, args.calib])
     pipelines.pass_names(args.target, args.passes, args.disable_pass)
     torch_model, result, dims = _export(args)
     if args.save_export:
@@ -156,9 +170,12 @@ def inspect(args) -> int:
         path = report.report_path(path)
         if not path.exists():
             raise TxError(f"{args.path}: no report next to it ({path.name}); `txcompile optimize` writes one")
+    writes.check_outputs([args.html], [args.path, path])
     loaded = report.load(path)
+    for name in report.mismatched_files(loaded, path.parent):
+        console.print(f"warning: {name} is missing or not the file this report describes (rewritten since?)")
     if args.html:
-        modelio.write_text(args.html, render.to_html(loaded))
+        writes.write_text(args.html, render.to_html(loaded))
         console.print(f"wrote {args.html}")
     if args.json:
         print(report.dumps(loaded), end="")
@@ -185,6 +202,11 @@ def _warn_int8_weights(model) -> None:
 
 def run(args) -> int:
     model = modelio.load_model(args.model)
+    other_model = modelio.load_model(args.compare) if args.compare else None
+    reads = [*_read_by(args.model), args.inputs]
+    reads += _read_by(args.compare) if args.compare else []
+    reads += _exporters().spec_files(args.reference) if args.reference else []
+    writes.check_outputs([writes.npz_path(args.save_outputs) if args.save_outputs else None], reads)
     _warn_int8_weights(model)
     feeds = _feeds(args, model)
     if getattr(args, "encrypted", False):
@@ -207,10 +229,9 @@ def run(args) -> int:
     console.print(f"inputs: {', '.join(f'{k} {tuple(v.shape)}' for k, v in feeds.items())}")
     console.print(table)
     if args.save_outputs:
-        np.savez(args.save_outputs, **outputs)
+        console.print(f"wrote {writes.write_npz(args.save_outputs, outputs)}")
     other, real_rows = None, rt.padded_rows(model, feeds)
     if args.compare:
-        other_model = modelio.load_model(args.compare)
         other, label = rt.run(rt.create_session(other_model, args.device), feeds), args.compare
         real_rows = real_rows or rt.padded_rows(other_model, feeds)  # either side may skip padding
     elif args.reference is not None:
@@ -252,7 +273,7 @@ def _run_encrypted(args, model, feeds) -> int:
     )
     console.print(f"max diff decrypted vs plaintext ORT: {result.max_diff:.3g} (atol {args.atol:g})")
     if args.save_outputs:
-        np.savez(args.save_outputs, **result.outputs)
+        console.print(f"wrote {writes.write_npz(args.save_outputs, result.outputs)}")
     if not result.max_diff <= args.atol:
         raise VerificationError(f"decrypted outputs differ by {result.max_diff:.3g} > atol {args.atol:g}")
     return 0
@@ -260,6 +281,7 @@ def _run_encrypted(args, model, feeds) -> int:
 
 def bench(args) -> int:
     models = [(name, modelio.load_model(name)) for name in args.models]
+    writes.check_outputs([args.json], [p for name, _ in models for p in _read_by(name)])
     for _, model in models:
         _warn_int8_weights(model)
     specs = model_inputs.read_specs(models[0][1])
@@ -287,7 +309,7 @@ def bench(args) -> int:
     console.print(table)
     if args.json:
         rows = [dataclasses.asdict(t) for t in timings]
-        modelio.write_text(
+        writes.write_text(
             args.json, json.dumps({"threads": threads, "device": args.device, "timings": rows}, indent=2)
         )
     return 0

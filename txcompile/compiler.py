@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from txcompile import pipelines, report
 from txcompile.graph import inputs as model_inputs
-from txcompile.graph import modelio
+from txcompile.graph import modelio, writes
 from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError, one_line
 from txcompile.graph.nodes import op_histogram
@@ -127,8 +127,13 @@ def _verification(final, result: PipelineResult, feeds, settings: Settings, devi
 
 
 def write(outcome: Outcome, output: str | Path) -> Path:
-    """Model first, then its report; both atomic."""
-    modelio.save_model(outcome.model, output)
+    """The model, its external data and its report, renamed into place together; the report
+    records the sha256 of the model files it describes, so a stale pair can be told."""
+    output = Path(output)
     path = report.report_path(output)
-    modelio.write_text(path, report.dumps(outcome.report))
+    with writes.transaction(output.parent) as staging:
+        modelio.stage_model(outcome.model, staging, output.name)
+        model_files = sorted(p for p in staging.path.iterdir() if p.name.startswith(output.name))
+        outcome.report["files"] = {p.name: writes.digest(p) for p in model_files}
+        staging.file(path.name).write_text(report.dumps(outcome.report), encoding="utf-8")
     return path

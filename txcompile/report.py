@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from txcompile.graph.errors import TxError
+from txcompile.graph.writes import digest
 
 SCHEMA = "txcompile-report/1"
 
@@ -53,6 +54,7 @@ def build(
             "passes": records,
             "analysis": analysis,
             "warnings": warnings or [],
+            "files": {},  # filled when written: file name → sha256 of the model files described
         }
     )
 
@@ -72,6 +74,19 @@ def load(path: str | Path) -> dict[str, Any]:
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise TxError(f"{path}: not a txcompile report (schema {SCHEMA} expected)")
     return report
+
+
+def mismatched_files(report: dict[str, Any], folder: Path) -> list[str]:
+    """Files the report describes whose bytes beside it are not the ones it was written with."""
+    files = report.get("files")
+    if not isinstance(files, dict):
+        return []
+    mismatched = []
+    for name, expected in files.items():
+        path = folder / str(name)
+        if Path(str(name)).name != name or not path.is_file() or digest(path) != expected:
+            mismatched.append(str(name))
+    return mismatched
 
 
 def _finite(value: Any) -> Any:

@@ -77,3 +77,60 @@ def test_a_real_model_named_json_still_loads(tmp_path):
     onnx.save(mlp_model(), path, format="protobuf")
     result = tx("run", path)
     assert result.returncode == 0, result.stderr
+
+
+def _with_external(tmp_path, **fields):
+    """The MLP with its weight moved to w.bin, then the external fields overwritten."""
+    model = mlp_model()
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    model = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    weight = next(t for t in model.graph.initializer if t.name == "weight")
+    entries = {e.key: e.value for e in weight.external_data} | fields
+    del weight.external_data[:]
+    for key, value in entries.items():
+        weight.external_data.add(key=key, value=value)
+    onnx.save(model, tmp_path / "m.onnx")
+    return tmp_path / "m.onnx"
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"offset": "-5"}, "whole numbers"),
+        ({"length": "abc"}, "whole numbers"),
+        ({"offset": "9" * 5000}, "whole numbers"),
+        ({"location": "w\0.bin"}, "unusable location"),
+        ({"location": "x" * 300}, "unusable location"),
+        ({"location": ""}, "unusable location"),
+        ({"location": "loop/w.bin"}, "does not resolve"),
+        ({"location": "../w.bin"}, "outside the model's folder"),
+        ({"offset": "1000000"}, "truncated"),
+    ],
+)
+def test_malformed_external_data_fields(tmp_path, fields, words):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    path = _with_external(tmp_path, **fields)
+    _bad(tx("run", path), 2, words)
+
+
+def test_external_tensors_in_subgraphs_are_checked(tmp_path):
+    """An If branch whose constant lives outside the folder: refused by our own traversal."""
+    secret = onnx.numpy_helper.from_array(np.ones(4, np.float32), "c")
+    secret.data_location = onnx.TensorProto.EXTERNAL
+    secret.ClearField("raw_data")
+    secret.external_data.add(key="location", value="../secret.bin")
+    branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], ["y"], value=secret)],
+        "branch",
+        [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+    )
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=branch)],
+        "g",
+        [onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [4])],
+    )
+    path = tmp_path / "if.onnx"
+    onnx.save(onnx.helper.make_model(graph), path)
+    _bad(tx("optimize", path, "-o", tmp_path / "out.onnx"), 2, "points outside the model's folder")

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from txcompile.graph import modelio
+from txcompile.graph import modelio, writes
 from txcompile.graph.errors import TxError
 
 
@@ -80,12 +80,12 @@ def test_external_data_truncated(tmp_path, mlp):
 
 def test_output_equal_to_input_is_refused(mlp_file):
     with pytest.raises(TxError, match="equals the input"):
-        modelio.check_output_path(mlp_file, mlp_file)
+        writes.check_outputs([mlp_file], [mlp_file])
 
 
 def test_output_folder_must_exist(tmp_path):
     with pytest.raises(TxError, match="does not exist"):
-        modelio.check_output_path(tmp_path / "no" / "out.onnx")
+        writes.check_outputs([tmp_path / "no" / "out.onnx"], [])
 
 
 def test_save_is_atomic_and_leaves_no_staging(tmp_path, mlp):

@@ -1,21 +1,21 @@
 """Loading and saving ONNX files without surprises.
 
-Loading refuses missing, corrupt or truncated files and external data that is missing or
-points outside the model's folder. Saving never overwrites the input and never leaves a
-half-written file: everything is written into a temporary folder beside the target and
-renamed into place.
+Loading refuses missing, corrupt or truncated files and external data that is missing,
+malformed or points outside the model's folder. Saving goes through
+:mod:`txcompile.graph.writes`: staged beside the target, renamed into place with its
+external data.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import uses_external_data
 
+from txcompile.graph import writes
 from txcompile.graph.errors import TxError, one_line
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # models this large keep their weights in a .data file
@@ -44,86 +44,92 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    for tensor, location, offset, length in _external_entries(model, path):
+        if not location.is_file():
+            raise TxError(f"{path}: external data file {location.name!r} of {tensor.name!r} is missing")
+        if offset + length > location.stat().st_size:
+            raise TxError(f"{path}: external data file {location.name!r} is truncated ({tensor.name!r})")
+
+
+def external_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files of a model that :func:`load_model` accepted (so that no output
+    may replace them). Read from the file again: loading moved the data into the tensors,
+    and a model with external data is small without it."""
+    model = onnx.load(path, format="protobuf", load_external_data=False)
+    return sorted({location for _, location, _, _ in _external_entries(model, Path(path))})
+
+
+def _external_entries(model: onnx.ModelProto, path: Path):
+    """(tensor, file, offset, length) of every external tensor, its fields checked: a file in
+    the model's folder, offsets and lengths that are whole numbers."""
     folder = path.parent.resolve()
     for tensor in _all_tensors(model):
         if not uses_external_data(tensor):
             continue
-        info = ExternalDataInfo(tensor)
-        location = (folder / info.location).resolve()
-        if os.path.isabs(info.location) or not location.is_relative_to(folder):
-            raise TxError(
-                f"{path}: external data {info.location!r} of {tensor.name!r} "
-                "points outside the model's folder"
-            )
-        if not location.is_file():
-            raise TxError(f"{path}: external data file {info.location!r} of {tensor.name!r} is missing")
-        end = (info.offset or 0) + (info.length or 0)
-        if end > location.stat().st_size:
-            raise TxError(f"{path}: external data file {info.location!r} is truncated ({tensor.name!r})")
+        fields = {entry.key: entry.value for entry in tensor.external_data}
+        where = f"{path}: external data of {tensor.name[:80]!r}"
+        name = fields.get("location", "")
+        if (
+            not name
+            or "\0" in name
+            or len(name) > 1024
+            or any(len(p.encode()) > 255 for p in Path(name).parts)
+        ):
+            raise TxError(f"{where}: unusable location {name[:80]!r}")
+        numbers = {k: fields.get(k, "0") or "0" for k in ("offset", "length")}
+        if not all(v.isdigit() and len(v) < 20 for v in numbers.values()):
+            raise TxError(f"{where}: offset and length must be whole numbers, not {numbers}")
+        try:
+            location = (folder / name).resolve()
+        except (OSError, RuntimeError) as err:  # a symlink loop
+            raise TxError(f"{where}: location {name!r} does not resolve: {one_line(err)}") from None
+        if os.path.isabs(name) or not location.is_relative_to(folder):
+            raise TxError(f"{where}: {name!r} points outside the model's folder")
+        yield tensor, location, int(numbers["offset"]), int(numbers["length"])
 
 
 def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    a, b = Path(a), Path(b)
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
-
-
-def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
-    """Refuse an output that is one of the inputs or a folder; its folder must exist."""
-    output = Path(output)
-    for given in inputs:
-        if given is not None and same_file(output, given):
-            raise TxError(f"{output}: output path equals the input; choose another -o")
-    if output.is_dir():
-        raise TxError(f"{output}: is a folder; -o takes a file path")
-    if not output.parent.resolve().is_dir():
-        raise TxError(f"{output.parent}: output folder does not exist")
-    return output
+    """Every tensor a model holds: initializers and tensor attributes, in subgraphs (If, Loop,
+    Scan bodies) and local functions too."""
+    graphs = [model.graph]
+    nodes = [n for f in model.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            yield from graph.initializer
+            for sparse in graph.sparse_initializer:
+                yield from (sparse.values, sparse.indices)
+            nodes.extend(graph.node)
+            continue
+        for attr in nodes.pop().attribute:
+            yield from ([attr.t] if attr.HasField("t") else [])
+            yield from attr.tensors
+            graphs.extend([attr.g] if attr.HasField("g") else [])
+            graphs.extend(attr.graphs)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
     """Write atomically; models over ~2 GB get their weights in ``<name>.data`` beside them."""
     path = Path(path)
-    with tempfile.TemporaryDirectory(prefix=".txcompile-", dir=path.parent) as staging:
-        staged = Path(staging) / path.name
-        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
-            detached = onnx.ModelProto()
-            detached.CopyFrom(model)  # saving with external data strips the weights it moves out
-            onnx.save(
-                detached,
-                staged,
-                save_as_external_data=True,
-                location=path.name + ".data",
-                size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
-            )
-        else:
-            onnx.save(model, staged)
-        written = []
-        for item in sorted(Path(staging).iterdir(), key=lambda p: p.name != path.name + ".data"):
-            target = path.parent / item.name
-            os.replace(item, target)
-            written.append(target)
-        return written
+    with writes.transaction(path.parent) as staging:
+        stage_model(model, staging, path.name)
+    written = [path.with_name(path.name + ".data"), path]
+    return [p for p in written if p.exists()]
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Atomic text write (reports)."""
-    path = Path(path)
-    handle, staged = tempfile.mkstemp(prefix=".txcompile-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(staged, path)
-    except BaseException:
-        if os.path.exists(staged):
-            os.unlink(staged)
-        raise
+def stage_model(model: onnx.ModelProto, staging: writes.Staging, name: str) -> Path:
+    """Write ``model`` into a staging folder as ``name`` (and ``name.data`` when over ~2 GB)."""
+    staged = staging.file(name)
+    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        detached = onnx.ModelProto()
+        detached.CopyFrom(model)  # saving with external data strips the weights it moves out
+        onnx.save(
+            detached,
+            staged,
+            save_as_external_data=True,
+            location=name + ".data",
+            size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
+        )
+    else:
+        onnx.save(model, staged)
+    return staged
