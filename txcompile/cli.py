@@ -7,6 +7,7 @@ stderr; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 
@@ -114,9 +115,20 @@ def _add_optimize_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip numeric verification")
     parser.add_argument("--inputs", help="verification inputs (.npz, one array per graph input)")
+    _add_timeout_option(parser)
     _add_sparsity_options(parser)
     _add_he_options(parser)
     _add_attention_options(parser)
+
+
+def _add_timeout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_above_zero,
+        metavar="SECONDS",
+        help="stop when one onnxruntime run takes longer (a model's own Loop can run for ever); "
+        "default no limit",
+    )
 
 
 def _add_attention_options(parser: argparse.ArgumentParser) -> None:
@@ -270,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with no value, the built-in this was exported from (code a model names is never run)",
     )
     run.add_argument("--atol", type=_tolerance, default=1e-4)
+    _add_timeout_option(run)
     run.add_argument(
         "--encrypted", action="store_true", help="evaluate a polynomial graph under CKKS (TenSEAL)"
     )
@@ -290,13 +303,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLine(logging.Formatter):
+    """A library's log record as one ``txcompile: level: message`` line; all of it with --debug."""
+
+    def __init__(self, debug: bool):
+        super().__init__()
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"txcompile: {record.levelname.lower()}: {record.name}: {record.getMessage()}"
+        if self.debug:
+            return line + (f"\n{self.formatException(record.exc_info)}" if record.exc_info else "")
+        return line.splitlines()[0][:300]
+
+
+def _route_library_output(debug: bool) -> None:
+    """Library logging and Python warnings through one handler: errors only and no tracebacks
+    unless --debug (onnx_ir, for one, logs a traceback when onnx's shape inference gives up)."""
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h.formatter, _OneLine)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine(debug))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _route_library_output(args.debug)
     from txcompile import commands
+    from txcompile.graph import ort as rt
 
+    rt.verbose_logs(args.debug)
     try:
-        return getattr(commands, args.command.replace("-", "_"))(args) or 0
+        with rt.time_limit(getattr(args, "timeout", None)):
+            return getattr(commands, args.command.replace("-", "_"))(args) or 0
+    except rt.RunTimeout as err:
+        print(f"txcompile: error: {err}", file=sys.stderr)
+        return 2
     except VerificationError as err:
         print(f"txcompile: verification failed: {err}", file=sys.stderr)
         return err.exit_code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -15,7 +16,7 @@ from txcompile import compiler, pipelines, render, report
 from txcompile.graph import inputs as model_inputs
 from txcompile.graph import modelio, writes
 from txcompile.graph import ort as rt
-from txcompile.graph.errors import TxError, VerificationError
+from txcompile.graph.errors import TxError, VerificationError, one_line
 from txcompile.passes.targets import int8_matmul
 from txcompile.runtime import bench as benchmark
 
@@ -174,14 +175,28 @@ def inspect(args) -> int:
     loaded = report.load(path)
     for name in report.mismatched_files(loaded, path.parent):
         console.print(f"warning: {name} is missing or not the file this report describes (rewritten since?)")
-    if args.html:
-        writes.write_text(args.html, render.to_html(loaded))
-        console.print(f"wrote {args.html}")
-    if args.json:
-        print(report.dumps(loaded), end="")
-    elif not args.html:
-        render.print_report(loaded, console)
+    with _damaged_report(path):
+        if args.html:
+            writes.write_text(args.html, render.to_html(loaded))
+            console.print(f"wrote {args.html}")
+        if args.json:
+            print(report.dumps(loaded), end="")
+        elif not args.html:
+            render.print_report(loaded, console)
     return 0
+
+
+@contextlib.contextmanager
+def _damaged_report(path: Path):
+    """A report with the right schema tag whose fields are not what txcompile wrote (edited,
+    damaged, or made up) cannot be rendered: bad input, one line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as err:
+        raise TxError(
+            f"{path}: damaged report ({type(err).__name__}: {one_line(err)}); "
+            "`txcompile optimize` writes a fresh one"
+        ) from None
 
 
 def _feeds(args, model) -> dict[str, np.ndarray]:
@@ -211,7 +226,8 @@ def run(args) -> int:
     feeds = _feeds(args, model)
     if getattr(args, "encrypted", False):
         return _run_encrypted(args, model, feeds)
-    outputs = rt.run(rt.create_session(model, args.device), feeds)
+    with rt.refusal(args.model):
+        outputs = rt.run(rt.create_session(model, args.device), feeds)
     table = Table(show_edge=False)
     for column in ("output", "shape", "dtype", "mean", "std", "min", "max"):
         table.add_column(column)
@@ -232,7 +248,8 @@ def run(args) -> int:
         console.print(f"wrote {writes.write_npz(args.save_outputs, outputs)}")
     other, real_rows = None, rt.padded_rows(model, feeds)
     if args.compare:
-        other, label = rt.run(rt.create_session(other_model, args.device), feeds), args.compare
+        with rt.refusal(f"--compare {args.compare}"):
+            other, label = rt.run(rt.create_session(other_model, args.device), feeds), args.compare
         real_rows = real_rows or rt.padded_rows(other_model, feeds)  # either side may skip padding
     elif args.reference is not None:
         source = args.reference or _recorded_builtin(model, args.model)
@@ -286,7 +303,10 @@ def bench(args) -> int:
         _warn_int8_weights(model)
     specs = model_inputs.read_specs(models[0][1])
     threads = args.threads or benchmark.default_threads()
-    sessions = [(name, rt.create_session(model, args.device, threads=threads)) for name, model in models]
+    sessions = []
+    for name, model in models:
+        with rt.refusal(name):
+            sessions.append((name, rt.create_session(model, args.device, threads=threads)))
     table = Table(title=f"latency, {threads} threads, {args.device}", show_edge=False)
     for column in ("batch", "seq", "model", "median ms", "p90 ms", "speedup", "per-round range"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -295,6 +315,9 @@ def bench(args) -> int:
         for seq in args.seq:
             dims = {"batch": batch, "seq": seq}
             feeds = model_inputs.make_feeds(specs, dims)
+            for name, session in sessions:  # one untimed run each: a model that refuses these inputs
+                with rt.refusal(f"{name} at batch {batch}, seq {seq}"):
+                    rt.run(session, feeds)
             for timing in benchmark.bench(sessions, feeds, dims, warmup=args.warmup, iters=args.iters):
                 timings.append(timing)
                 table.add_row(

@@ -19,7 +19,7 @@ from txcompile import pipelines, report
 from txcompile.graph import inputs as model_inputs
 from txcompile.graph import modelio, writes
 from txcompile.graph import ort as rt
-from txcompile.graph.errors import TxError, one_line
+from txcompile.graph.errors import TxError
 from txcompile.graph.nodes import op_histogram
 from txcompile.pass_manager import PassManager, PipelineResult
 from txcompile.passes.base import PassContext
@@ -70,6 +70,9 @@ def optimize(
     feeds = verification_feeds(model, settings)
     if settings.verify:
         _check_runs(model, feeds, device)
+    else:
+        with rt.refusal("the input model"):  # it must load, or the final model cannot be judged
+            rt.create_session(model, device)
     context = PassContext(settings.target, device, feeds, dict(settings.flags))
     manager = PassManager(
         pipelines.build(names, context),
@@ -102,7 +105,7 @@ def _check_runs(model: onnx.ModelProto, feeds, device: str) -> None:
     try:
         rt.run(rt.create_session(model, device), feeds)
     except Exception as err:
-        raise TxError(f"the input model does not run in onnxruntime ({device}): {one_line(err)}") from None
+        raise TxError(f"the input model does not run in onnxruntime ({device}): {rt.ort_line(err)}") from None
 
 
 def _verification(final, result: PipelineResult, feeds, settings: Settings, device, torch_reference):

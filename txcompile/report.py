@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from txcompile.graph.errors import TxError
+from txcompile.graph.errors import TxError, one_line
 from txcompile.graph.writes import digest
 
 SCHEMA = "txcompile-report/1"
@@ -69,8 +69,8 @@ def load(path: str | Path) -> dict[str, Any]:
         report = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TxError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TxError(f"{path}: not a readable report: {err}") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError covers JSON and UTF-8 errors
+        raise TxError(f"{path}: not a readable report: {one_line(err)}") from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise TxError(f"{path}: not a txcompile report (schema {SCHEMA} expected)")
     return report

@@ -19,6 +19,7 @@ from txcompile.graph.errors import TxError, one_line
 
 METADATA_KEY = "txcompile.inputs"
 DEFAULT_DIMS = {"batch": 2, "seq": 16}
+MAX_DRAWN_ELEMENTS = 2**28  # 1 GiB of float32 per input: larger ones are a typo or a hostile shape
 KINDS = ("ids", "mask", "positions", "normal", "uniform")
 
 
@@ -98,6 +99,11 @@ def make_feeds(
     feeds = {}
     for spec in specs:
         shape = concrete_shape(spec, dims)
+        if math.prod(shape) > MAX_DRAWN_ELEMENTS:
+            raise TxError(
+                f"input {spec.name} would be {'x'.join(map(str, shape))} = {math.prod(shape):.3g} values "
+                f"(at most {MAX_DRAWN_ELEMENTS:.3g} are drawn); choose smaller --batch/--seq/--input-shape"
+            )
         dtype = np.dtype(spec.dtype)
         if spec.kind == "ids":
             value = rng.integers(int(spec.low), int(spec.high), size=shape)
@@ -174,6 +180,16 @@ def load_npz(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return {s.name: feeds[s.name].astype(np.dtype(s.dtype)) for s in specs}
 
 
+def _numpy_name(elem: int) -> str | None:
+    """numpy's name for an ONNX element type we can draw: numbers (and bool), not strings."""
+    if elem in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+        return None
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem).name
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     initializers = {t.name for t in model.graph.initializer}
     return [v for v in model.graph.input if v.name not in initializers]
@@ -181,7 +197,15 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def _infer_spec(model: onnx.ModelProto, value: onnx.ValueInfoProto) -> InputSpec:
     tensor_type = value.type.tensor_type
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+    kind = value.type.WhichOneof("value")
+    dtype = _numpy_name(tensor_type.elem_type) if kind == "tensor_type" else None
+    if dtype is None:
+        what = f"a {kind.removesuffix('_type')}" if kind and kind != "tensor_type" else "a tensor"
+        element = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if kind == "tensor_type" else ""
+        raise TxError(
+            f"input {value.name!r} is {what}{' of ' + element if element else ''}; txcompile draws "
+            "only numeric tensors"
+        )
     shape = tuple(
         d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim
     )

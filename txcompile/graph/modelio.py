@@ -34,6 +34,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise TxError(f"{path}: not a valid ONNX model (corrupt or truncated): {one_line(err)}") from None
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
         raise TxError(f"{path}: not a valid ONNX model (no graph; corrupt or truncated?)")
+    where = _non_utf8_text(model, "model")
+    if where:
+        raise TxError(f"{path}: invalid ONNX model: {where} is not UTF-8 text")
     _check_external_data(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
@@ -41,6 +44,22 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
         raise TxError(f"{path}: invalid ONNX model: {one_line(err)}") from None
     return model
+
+
+def _non_utf8_text(message, where: str) -> str | None:
+    """Where a string field holds bytes that are not UTF-8: protobuf parses them (as bytes),
+    onnx accepts them, onnx_ir cannot write them back."""
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        for index, item in enumerate(value if repeated else [value]):
+            name = f"{where}.{field.name}" + (f"[{index}]" if repeated else "")
+            if field.type == field.TYPE_STRING and isinstance(item, bytes):
+                return name
+            if field.type == field.TYPE_MESSAGE and (found := _non_utf8_text(item, name)):
+                return found
+    return None
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> None:

@@ -7,16 +7,20 @@ and loaded from there, so every caller can hand over an in-memory model.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from txcompile.graph.errors import TxError
+from txcompile.graph.errors import TxError, one_line
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 PROTOBUF_LIMIT = 2**31 - 2**24  # leave headroom below 2 GiB for the graph itself
@@ -24,11 +28,59 @@ PADDED_OUTPUTS_KEY = "txcompile.padded_outputs"
 
 # also for events after import, where onnxruntime was imported before txcompile
 ort.disable_telemetry_events()
+# errors reach the user as our one line; onnxruntime's log would print them first (4: fatal only)
+_log_severity = 4
+ort.set_default_logger_severity(_log_severity)
+
+# what onnxruntime raises for a model or feeds it refuses (its Python layer raises ValueError)
+ORT_ERRORS = (
+    *(v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)),
+    ValueError,
+)
+_TIME_LIMIT: contextvars.ContextVar[float | None] = contextvars.ContextVar("run_time_limit", default=None)
+
+
+class RunTimeout(BaseException):
+    """A run stopped at the --timeout bound. A BaseException, like KeyboardInterrupt, so that no
+    pass mistakes it for a failed rewrite and goes on to the next run."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Stop every :func:`run` inside the block that takes longer than ``seconds``."""
+    token = _TIME_LIMIT.set(seconds)
+    try:
+        yield
+    finally:
+        _TIME_LIMIT.reset(token)
+
+
+@contextlib.contextmanager
+def refusal(what: str) -> Iterator[None]:
+    """onnxruntime refusing a model or inputs the user gave is bad input (exit 2), in one line."""
+    try:
+        yield
+    except ORT_ERRORS as err:
+        raise TxError(f"{what}: onnxruntime refused it: {ort_line(err)}") from None
+    except MemoryError:
+        raise TxError(f"{what}: out of memory in onnxruntime") from None
+
+
+def ort_line(err: BaseException) -> str:
+    """onnxruntime's message without its ``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :`` prefix."""
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", one_line(err))
+
+
+def verbose_logs(on: bool) -> None:
+    """onnxruntime's own warnings and errors on stderr (--debug) or only fatal ones."""
+    global _log_severity
+    _log_severity = 2 if on else 4
+    ort.set_default_logger_severity(_log_severity)
 
 
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = _log_severity
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -75,7 +127,24 @@ def create_session(
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs by name; feeds the session does not take are left out."""
     wanted = {i.name for i in session.get_inputs()}
-    outputs = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    chosen = {k: v for k, v in feeds.items() if k in wanted}
+    limit = _TIME_LIMIT.get()
+    if limit is None:
+        outputs = session.run(None, chosen)
+    else:
+        options = ort.RunOptions()
+        timer = threading.Timer(limit, lambda: setattr(options, "terminate", True))
+        timer.start()
+        try:
+            outputs = session.run(None, chosen, options)
+        except ORT_ERRORS:
+            if options.terminate:
+                raise RunTimeout(
+                    f"an onnxruntime run took over {limit:g} s (--timeout); stopped it"
+                ) from None
+            raise
+        finally:
+            timer.cancel()
     return {o.name: value for o, value in zip(session.get_outputs(), outputs, strict=True)}
 
 
@@ -85,7 +154,19 @@ def padded_rows(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict
     record = {p.key: p.value for p in model.metadata_props}.get(PADDED_OUTPUTS_KEY)
     if not record:
         return {}
-    record = json.loads(record)
+    try:
+        record = json.loads(record)
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("mask"), str)
+            and isinstance(record.get("outputs"), list)
+            and all(
+                isinstance(p, int) and not isinstance(p, bool) and 0 <= p < 2**16 for p in record["outputs"]
+            )
+        ):
+            raise ValueError('not {"mask": input name, "outputs": [output positions]}')
+    except (ValueError, RecursionError) as err:
+        raise TxError(f"the model's {PADDED_OUTPUTS_KEY} metadata is unreadable: {one_line(err)}") from None
     if record["mask"] not in feeds:
         return {}
     keep = np.asarray(feeds[record["mask"]]) != 0
