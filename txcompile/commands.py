@@ -71,20 +71,16 @@ def _export(args):
     return torch_model, result, dims
 
 
-def _model_outputs(output: str | Path) -> list[Path]:
+def _model_outputs(output: str | Path, with_report: bool = True) -> list[Path]:
     """A model output with the files written beside it: external data and the report."""
     output = Path(output)
-    return [output, output.with_name(output.name + ".data"), report.report_path(output)]
-
-
-def _read_by(path: str) -> list[Path]:
-    """A loaded model's file and the external data files it read."""
-    return [Path(path), *modelio.external_files(path)]
+    files = [output, output.with_name(output.name + ".data")]
+    return [*files, report.report_path(output)] if with_report else files
 
 
 def export(args) -> int:
     output = Path(args.output)
-    writes.check_outputs(_model_outputs(output)[:2], _exporters().spec_files(args.model))
+    writes.check_outputs(_model_outputs(output, with_report=False), _exporters().spec_files(args.model))
     _, result, _ = _export(args)
     modelio.save_model(result.model, output)
     console.print(f"wrote {output}")
@@ -113,8 +109,8 @@ def optimize(args) -> int:
     output, given = Path(args.output), [args.model, args.inputs, args.calib]
     writes.check_outputs(_model_outputs(output), given)
     pipelines.pass_names(args.target, args.passes, args.disable_pass)
-    model = modelio.load_model(args.model)
-    writes.check_outputs(_model_outputs(output), [*_read_by(args.model), *given[1:]])
+    model, model_files = modelio.load_model_and_files(args.model)
+    writes.check_outputs(_model_outputs(output), [*model_files, *given[1:]])
     dims = model_inputs.dims_from_shapes(model_inputs.read_specs(model), args.input_shape, _base_dims(args))
     outcome = compiler.optimize(model, _settings(args, dims), source=args.model, output=str(output))
     return _finish(outcome, output, strict=getattr(args, "strict", False))
@@ -122,7 +118,9 @@ def optimize(args) -> int:
 
 def compile(args) -> int:
     output = Path(args.output)
-    outputs = _model_outputs(output) + (_model_outputs(args.save_export)[:2] if args.save_export else [])
+    outputs = _model_outputs(output) + (
+        _model_outputs(args.save_export, with_report=False) if args.save_export else []
+    )
     writes.check_outputs(outputs, [*_exporters().spec_files(args.model), args.inputs, args.calib])
     pipelines.pass_names(args.target, args.passes, args.disable_pass)
     torch_model, result, dims = _export(args)
@@ -216,10 +214,9 @@ def _warn_int8_weights(model) -> None:
 
 
 def run(args) -> int:
-    model = modelio.load_model(args.model)
-    other_model = modelio.load_model(args.compare) if args.compare else None
-    reads = [*_read_by(args.model), args.inputs]
-    reads += _read_by(args.compare) if args.compare else []
+    model, reads = modelio.load_model_and_files(args.model)
+    other_model, compared_files = modelio.load_model_and_files(args.compare) if args.compare else (None, [])
+    reads += [args.inputs, *compared_files]
     reads += _exporters().spec_files(args.reference) if args.reference else []
     writes.check_outputs([writes.npz_path(args.save_outputs) if args.save_outputs else None], reads)
     _warn_int8_weights(model)
@@ -297,8 +294,9 @@ def _run_encrypted(args, model, feeds) -> int:
 
 
 def bench(args) -> int:
-    models = [(name, modelio.load_model(name)) for name in args.models]
-    writes.check_outputs([args.json], [p for name, _ in models for p in _read_by(name)])
+    loaded = [(name, *modelio.load_model_and_files(name)) for name in args.models]
+    models = [(name, model) for name, model, _ in loaded]
+    writes.check_outputs([args.json], [path for _, _, files in loaded for path in files])
     for _, model in models:
         _warn_int8_weights(model)
     specs = model_inputs.read_specs(models[0][1])

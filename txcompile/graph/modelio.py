@@ -23,6 +23,12 @@ EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors stay inline even then
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    return load_model_and_files(path)[0]
+
+
+def load_model_and_files(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
+    """The model and every file it was read from: itself and its external data (so that no
+    output may replace them)."""
     path = Path(path)
     if not path.exists():
         raise TxError(f"{path}: no such file")
@@ -37,13 +43,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     where = _non_utf8_text(model, "model")
     if where:
         raise TxError(f"{path}: invalid ONNX model: {where} is not UTF-8 text")
-    _check_external_data(model, path)
+    data_files = _check_external_data(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
         raise TxError(f"{path}: invalid ONNX model: {one_line(err)}") from None
-    return model
+    return model, [path, *data_files]
 
 
 def _non_utf8_text(message, where: str) -> str | None:
@@ -62,20 +68,16 @@ def _non_utf8_text(message, where: str) -> str | None:
     return None
 
 
-def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """The external data files, each checked to be there and long enough."""
+    files = set()
     for tensor, location, offset, length in _external_entries(model, path):
         if not location.is_file():
             raise TxError(f"{path}: external data file {location.name!r} of {tensor.name!r} is missing")
         if offset + length > location.stat().st_size:
             raise TxError(f"{path}: external data file {location.name!r} is truncated ({tensor.name!r})")
-
-
-def external_files(path: str | os.PathLike) -> list[Path]:
-    """The external data files of a model that :func:`load_model` accepted (so that no output
-    may replace them). Read from the file again: loading moved the data into the tensors,
-    and a model with external data is small without it."""
-    model = onnx.load(path, format="protobuf", load_external_data=False)
-    return sorted({location for _, location, _, _ in _external_entries(model, Path(path))})
+        files.add(location)
+    return sorted(files)
 
 
 def _external_entries(model: onnx.ModelProto, path: Path):
@@ -132,8 +134,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     with writes.transaction(path.parent) as staging:
         stage_model(model, staging, path.name)
-    written = [path.with_name(path.name + ".data"), path]
-    return [p for p in written if p.exists()]
+        staged = sorted(staging.path.iterdir(), key=lambda p: p.name != path.name + ".data")
+    return [path.with_name(p.name) for p in staged]
 
 
 def stage_model(model: onnx.ModelProto, staging: writes.Staging, name: str) -> Path:
