@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import itertools
+import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
@@ -72,7 +73,7 @@ def _load_factory(spec: str, path: Path, name: str) -> TorchModel:
         raise TxError(f"{spec}: file {path} not found")
     module_name = f"txcompile_user_{abs(hash(path.resolve()))}"
     # like `python file.py`: the file's folder is importable while it loads and builds
-    with _on_sys_path(path.resolve().parent):
+    with _on_sys_path(path.resolve().parent), _exit_raises():
         try:
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(loader_spec)
@@ -95,6 +96,26 @@ def _load_factory(spec: str, path: Path, name: str) -> TorchModel:
         except BaseException as err:  # the user's code may raise anything, SystemExit included
             raise TxError(f"{spec}: {name}() raised {one_line(err)}") from err
     return _from_factory_result(spec, name, result)
+
+
+class _ProcessExit(BaseException):
+    def __init__(self, status):
+        super().__init__(f"os._exit({status}) (the process would have ended with nothing written)")
+
+
+def _refuse_exit(status=0):
+    raise _ProcessExit(status)
+
+
+@contextlib.contextmanager
+def _exit_raises() -> Iterator[None]:
+    """os._exit in the user's code raises instead: it would end txcompile silently, exit 0,
+    with nothing written and nothing said."""
+    real, os._exit = os._exit, _refuse_exit
+    try:
+        yield
+    finally:
+        os._exit = real
 
 
 @contextlib.contextmanager

@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             traceback.print_exc()
+        if isinstance(err, OSError) and err.filename is not None:  # a path the user named
+            print(f"txcompile: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+            return 2
         line = (str(err).strip() or type(err).__name__).splitlines()[0]
         print(
             f"txcompile: internal error: {type(err).__name__}: {line} (--debug shows the traceback)",

@@ -169,7 +169,7 @@ def inspect(args) -> int:
         path = report.report_path(path)
         if not path.exists():
             raise TxError(f"{args.path}: no report next to it ({path.name}); `txcompile optimize` writes one")
-    writes.check_outputs([args.html], [args.path, path])
+    writes.check_outputs([args.html], [args.path, path], models=False)
     loaded = report.load(path)
     for name in report.mismatched_files(loaded, path.parent):
         console.print(f"warning: {name} is missing or not the file this report describes (rewritten since?)")
@@ -296,7 +296,7 @@ def _run_encrypted(args, model, feeds) -> int:
 def bench(args) -> int:
     loaded = [(name, *modelio.load_model_and_files(name)) for name in args.models]
     models = [(name, model) for name, model, _ in loaded]
-    writes.check_outputs([args.json], [path for _, _, files in loaded for path in files])
+    writes.check_outputs([args.json], [path for _, _, files in loaded for path in files], models=False)
     for _, model in models:
         _warn_int8_weights(model)
     specs = model_inputs.read_specs(models[0][1])

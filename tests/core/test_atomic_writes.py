@@ -4,13 +4,17 @@ write, a full disk leaves nothing, and the report's hashes tell a stale pair."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
+import numpy as np
 import onnx
 import pytest
 
@@ -111,6 +115,21 @@ def test_staging_of_a_live_writer_is_left_alone(tmp_path):
     assert live.exists() and not dead.exists()
 
 
+def test_staging_without_a_pid_is_removed_once_stale(tmp_path):
+    """Earlier versions named staging folders without a pid; an old one is abandoned."""
+    stale, fresh = (
+        tmp_path / f"{writes.STAGING_PREFIX}k2x9_qab",
+        tmp_path / f"{writes.STAGING_PREFIX}m3y8_rcd",
+    )
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"\x08")
+    old = time.time() - writes.LEGACY_STAGING_AGE_S - 60
+    os.utime(stale, (old, old))
+    writes.recover(tmp_path)
+    assert fresh.exists() and not stale.exists()
+
+
 def test_a_full_disk_leaves_nothing(tmp_path, model, monkeypatch, capsys):
     from txcompile.graph import modelio
 
@@ -139,3 +158,54 @@ def test_save_outputs_is_atomic(tmp_path, model, monkeypatch, capsys):
     monkeypatch.setattr(np, "savez", full)
     assert cli.main(["run", str(model), "--save-outputs", str(tmp_path / "y.npz")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def _big_model(path) -> None:
+    """The mlp with 32 MB of extra weight, so that writing it takes long enough to be hit."""
+    model = mlp_model()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(8 << 20, np.float32), "unused"))
+    onnx.save(model, path)
+
+
+def _staged(folder) -> set[str]:
+    with_names = set()
+    for name in _staging(folder):
+        with contextlib.suppress(OSError):
+            with_names |= {p.name for p in (folder / name).iterdir()}
+    return with_names | ({""} if _staging(folder) else set())
+
+
+@pytest.mark.parametrize(
+    "moment",
+    # later moments pass too quickly to be hit by a signal: the os._exit tests above stop
+    # the writer at each rename instead
+    ["staging made", "model half written"],
+)
+def test_kill_9_while_writing_leaves_the_pair_complete_or_absent(tmp_path, moment):
+    """A real SIGKILL at a moment seen in the writer's staging folder."""
+    model, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    _big_model(model)
+    reached = {
+        "staging made": lambda staged: bool(staged),
+        "model half written": lambda staged: "out.onnx" in staged,
+    }[moment]
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "txcompile", "optimize", str(model), "-o", str(out), "--passes", "analyze"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not reached(_staged(tmp_path)) and writer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    writer.send_signal(signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL, "the writer finished before the moment was seen"
+    writes.recover(tmp_path)
+    report = out.with_name("out.report.json")
+    assert _staging(tmp_path) == []
+    assert out.exists() == report.exists()
+    if out.exists():
+        assert json.loads(report.read_text())["files"] == {"out.onnx": writes.digest(out)}
+    assert sorted(p.name for p in tmp_path.iterdir()) in (
+        ["in.onnx"],
+        ["in.onnx", "out.onnx", "out.report.json"],
+    )

@@ -88,6 +88,22 @@ def test_output_folder_must_exist(tmp_path):
         writes.check_outputs([tmp_path / "no" / "out.onnx"], [])
 
 
+def test_a_report_never_replaces_a_model(mlp_file, tmp_path):
+    """`inspect --html` or `bench --json` onto some other model is a slip, not a request."""
+    with pytest.raises(TxError, match="a model's path"):
+        writes.check_outputs([tmp_path / "other.onnx"], [mlp_file], models=False)
+    writes.check_outputs([tmp_path / "timings.json"], [mlp_file], models=False)
+
+
+def test_an_unusable_model_path_is_bad_input(tmp_path, capsys):
+    from txcompile import cli
+
+    for command in (["run"], ["bench"], ["optimize", "-o", str(tmp_path / "o.onnx")]):
+        assert cli.main([*command, str(tmp_path / ("a" * 300))]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("txcompile: error: ") and len(err.strip().splitlines()) == 1, err
+
+
 def test_save_is_atomic_and_leaves_no_staging(tmp_path, mlp):
     target = tmp_path / "out.onnx"
     modelio.save_model(mlp, target)

@@ -69,6 +69,12 @@ def exits():
     raise SystemExit(0)
 
 
+def ends_the_process():
+    import os
+
+    os._exit(0)
+
+
 NOT_CALLABLE = 3
 """
 
@@ -149,6 +155,7 @@ def test_bad_specs(spec, message):
         ("bad_forward", r"forward fails on bad_forward\(\)'s example inputs: TypeError"),
         ("base_exception", r"base_exception\(\) raised Stop: not an Exception"),
         ("exits", r"exits\(\) raised SystemExit"),
+        ("ends_the_process", r"ends_the_process\(\) raised _ProcessExit: os._exit\(0\)"),
     ],
 )
 def test_bad_factories(factory_file, factory, message):

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from txcompile.graph.errors import TxError
 
 STAGING_PREFIX = ".txcompile-"
 JOURNAL = ".commit.json"
+LEGACY_STAGING_AGE_S = 3600
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -37,10 +39,14 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_outputs(
-    outputs: Iterable[str | os.PathLike | None], reads: Iterable[str | os.PathLike | None]
+    outputs: Iterable[str | os.PathLike | None],
+    reads: Iterable[str | os.PathLike | None],
+    *,
+    models: bool = True,
 ) -> None:
     """Refuse an output that is a file this command reads, another output or a folder, or
-    whose folder does not exist; before any work is done."""
+    whose folder does not exist; before any work is done. With ``models=False`` (reports,
+    pages, timings) a ``.onnx`` path is refused too: such a write would replace a model."""
     reads = [Path(r) for r in reads if r is not None]
     seen: list[Path] = []
     for output in (Path(o) for o in outputs if o is not None):
@@ -49,6 +55,8 @@ def check_outputs(
                 if same_file(output, reads[0]):
                     raise TxError(f"{output}: output path equals the input; choose another output")
                 raise TxError(f"{output}: this command reads that file ({given}); choose another output")
+        if not models and output.suffix.lower() in (".onnx", ".data"):
+            raise TxError(f"{output}: a model's path; this output is not a model, choose another path")
         for other in seen:
             if same_file(output, other):
                 raise TxError(f"{output}: named for two outputs of this command; choose another")
@@ -122,8 +130,7 @@ def recover(folder: str | os.PathLike) -> None:
     left alone)."""
     with contextlib.suppress(OSError):
         for entry in Path(folder).iterdir():
-            pid = _writer_pid(entry.name)
-            if pid is None or _alive(pid):
+            if not entry.name.startswith(STAGING_PREFIX) or _live_writer(entry):
                 continue
             with contextlib.suppress(OSError, ValueError):
                 if entry.is_dir() and not entry.is_symlink():
@@ -134,11 +141,13 @@ def recover(folder: str | os.PathLike) -> None:
                     entry.unlink()
 
 
-def _writer_pid(name: str) -> int | None:
-    if not name.startswith(STAGING_PREFIX):
-        return None
-    pid = name[len(STAGING_PREFIX) :].partition("-")[0]
-    return int(pid) if pid.isdigit() else None
+def _live_writer(entry: Path) -> bool:
+    """Whether the process that named ``entry`` may still be writing it. Staging named
+    without a pid (by earlier versions) counts as abandoned once an hour old."""
+    pid = entry.name[len(STAGING_PREFIX) :].partition("-")[0]
+    if pid.isdigit():
+        return _alive(int(pid))
+    return time.time() - entry.lstat().st_mtime < LEGACY_STAGING_AGE_S
 
 
 def _alive(pid: int) -> bool:
