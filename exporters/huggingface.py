@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from txcompile.graph import task_metadata
 from txcompile.graph.errors import TxError
 from txcompile.graph.inputs import InputSpec
 
+from . import tasks
 from .model import TorchModel
 from .quiet import captured, one_line
 
@@ -30,32 +33,22 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 OUTPUT_KEYS = ("logits", "last_hidden_state")
+
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-class HFWrapper(nn.Module):
-    """Takes the inputs positionally and returns one output as a tuple (what exporters want)."""
-
-    def __init__(self, model: nn.Module, input_names: list[str], output_key: str, kwargs: dict):
-        super().__init__()
-        self.model = model
-        self.input_names = list(input_names)
-        self.output_key = output_key
-        self.kwargs = dict(kwargs)
-
-    def forward(self, *args):
-        outputs = self.model(**dict(zip(self.input_names, args, strict=True)), **self.kwargs)
-        if isinstance(outputs, tuple) and not hasattr(outputs, "keys"):
-            return (outputs[0],)  # a model that ignores return_dict
-        return (outputs[self.output_key],)
-
-
 def load_hf_folder(
-    folder: str | Path, *, attn_implementation: str | None = None, source: str | None = None
+    folder: str | Path,
+    *,
+    task: str | None = None,
+    attn_implementation: str | None = None,
+    source: str | None = None,
 ) -> TorchModel:
-    """The model in ``folder`` in eval mode, fp32, with use_cache off."""
+    """The model in ``folder`` in eval mode, fp32, with use_cache off, returning the outputs of
+    ``task`` (inferred when None); its tokenizer, task and labels go into the metadata."""
     folder = Path(folder)
     source = source or str(folder)
+    wanted = tasks.task_named(task) if task is not None else None
     if not (folder / "config.json").is_file():
         raise TxError(f"{source}: no config.json in {folder} (not a Hugging Face model folder)")
     if attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
@@ -69,9 +62,15 @@ def load_hf_folder(
             config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as err:
         raise TxError(f"{source}: cannot read config.json: {one_line(err)}") from None
-    model_class, note = _model_class(transformers, config, source)
-    if note:
-        warnings.append(note)
+    architectures = [str(a) for a in getattr(config, "architectures", None) or []]
+    by_architecture = tasks.architecture_task(architectures)
+    chosen = wanted or tasks.infer_task(folder, architectures)
+    if chosen is None or chosen == by_architecture:
+        model_class, note = _model_class(transformers, config, source)
+        if note:
+            warnings.append(note)
+    else:
+        model_class = _task_class(transformers, config, chosen, source)
     kwargs: dict = {"dtype": torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -93,10 +92,20 @@ def load_hf_folder(
         model.config.use_cache = False
     model.config.return_dict = True
     inputs, dims = _input_specs(model, source)
+    if chosen is not None and chosen.name == "question-answering":
+        inputs += _segment_ids(model)  # the context's tokens are segment 1
     call_kwargs = _call_kwargs(model)
-    output_key = _output_key(model, inputs, dims, call_kwargs, source)
-    wrapper = HFWrapper(model, [s.name for s in inputs], output_key, call_kwargs).eval()
-    return TorchModel(wrapper, inputs, [output_key], source, dims, warnings)
+    names = [s.name for s in inputs]
+    outputs = _outputs(model, inputs, dims, call_kwargs, source, chosen)
+    if chosen is not None and chosen.name == "sentence-embedding":
+        if "attention_mask" not in names:
+            raise TxError(f"{source}: sentence-embedding needs a text encoder with an attention_mask input")
+        wrapper = tasks.SentenceEmbedding(model, names, call_kwargs, tasks.pooling(folder, source))
+        outputs = ["sentence_embedding"]
+    else:
+        wrapper = tasks.TaskOutputs(model, names, tuple(outputs), call_kwargs)
+    metadata = _task_metadata(folder, model.config, chosen, transformers, source, warnings)
+    return TorchModel(wrapper.eval(), inputs, outputs, source, dims, warnings, metadata)
 
 
 def _transformers(source: str):
@@ -188,6 +197,14 @@ def _input_specs(model: nn.Module, source: str) -> tuple[list[InputSpec], dict[s
     return specs, dims
 
 
+def _segment_ids(model: nn.Module) -> list[InputSpec]:
+    """token_type_ids, for models that tell a text pair's two parts apart by them."""
+    types = int(getattr(model.config, "type_vocab_size", 0) or 0)
+    if types < 2 or "token_type_ids" not in inspect.signature(model.forward).parameters:
+        return []
+    return [InputSpec("token_type_ids", "int64", ("batch", "seq"), "ids", 0, types)]
+
+
 def _limit(config, *names: str) -> int:
     """The longest sequence the config allows (learned position tables), else a large number."""
     for name in names:
@@ -207,8 +224,59 @@ def _call_kwargs(model: nn.Module) -> dict:
     return kwargs
 
 
-def _output_key(model, inputs: list[InputSpec], dims: dict, kwargs: dict, source: str) -> str:
-    """logits when the model has a head, else last_hidden_state (found by one forward)."""
+def _task_class(transformers, config, task: tasks.Task, source: str):
+    try:
+        return getattr(transformers, task.auto_class)._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        raise TxError(
+            f"{source}: a {config.model_type} model cannot serve {task.name} "
+            f"(transformers has no {task.auto_class} for it)"
+        ) from None
+
+
+def _outputs(model, inputs, dims, kwargs, source: str, task: tasks.Task | None) -> list[str]:
+    """The task's outputs, checked to be there by one forward; without a task, logits when
+    the model has a head, else last_hidden_state."""
+    keys = _output_keys(model, inputs, dims, kwargs, source)
+    if task is None:
+        return [next((k for k in OUTPUT_KEYS if k in keys), keys[0])]
+    wanted = ("last_hidden_state",) if task.name == "sentence-embedding" else task.outputs
+    missing = [k for k in wanted if k not in keys]
+    if missing:
+        raise TxError(f"{source}: {type(model).__name__} gives no {', '.join(missing)} for {task.name}")
+    return list(task.outputs)
+
+
+def _task_metadata(
+    folder: Path, config, task, transformers, source: str, warnings: list[str]
+) -> dict[str, str]:
+    """What running the graph on text needs: the task, the labels, the tokenizer."""
+    metadata = {}
+    if task is not None:
+        metadata[task_metadata.TASK_KEY] = task.name
+    labels = getattr(config, "id2label", None) or {}
+    if task is not None and task.name.endswith("classification") and labels:
+        metadata[task_metadata.LABELS_KEY] = json.dumps({str(k): str(v) for k, v in labels.items()})
+    tokenizer = tasks.tokenizer_json(folder, transformers, _max_length(folder, config), source)
+    if tokenizer is not None:
+        metadata[task_metadata.TOKENIZER_KEY] = tokenizer
+    elif any((folder / name).is_file() for name in tasks.TOKENIZER_FILES):
+        warnings.append(
+            f"{folder}: its tokenizer has no fast (tokenizer.json) form; none saved with the model"
+        )
+    return metadata
+
+
+def _max_length(folder: Path, config) -> int:
+    """sentence-transformers' max_seq_length when set, else the position table's length."""
+    try:
+        return int(json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return min(512, _limit(config, "max_position_embeddings", "n_positions"))
+
+
+def _output_keys(model, inputs: list[InputSpec], dims: dict, kwargs: dict, source: str) -> list[str]:
+    """The names of the tensors a forward on example inputs returns."""
     probe = TorchModel(model, inputs, [], source, dims)
     feeds = probe.example_inputs()
     try:
@@ -217,10 +285,7 @@ def _output_key(model, inputs: list[InputSpec], dims: dict, kwargs: dict, source
     except Exception as err:
         raise TxError(f"{source}: forward fails on example inputs: {one_line(err)}") from None
     keys = list(outputs.keys()) if hasattr(outputs, "keys") else []
-    for key in OUTPUT_KEYS:
-        if key in keys:
-            return key
     tensors = [k for k in keys if isinstance(outputs[k], torch.Tensor)]
     if not tensors:
         raise TxError(f"{source}: {type(model).__name__} returns no named tensor output")
-    return tensors[0]
+    return tensors

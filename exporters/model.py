@@ -23,7 +23,8 @@ class TorchModel:
     ``inputs`` use the symbolic dims "batch" and "seq" where a size is dynamic (other names,
     e.g. "decoder_seq", are allowed and fall back to "seq" when not given in ``dims``).
     ``dims`` are the default sizes of those dims for example inputs. ``warnings`` are things
-    the user should know about the model itself (e.g. random weights).
+    the user should know about the model itself (e.g. random weights). ``metadata`` goes into the
+    exported graph's metadata_props (the task, labels and tokenizer of a Hugging Face folder).
     """
 
     module: torch.nn.Module
@@ -32,6 +33,7 @@ class TorchModel:
     source: str
     dims: dict[str, int] = dataclasses.field(default_factory=lambda: {"batch": 2, "seq": 16})
     warnings: list[str] = dataclasses.field(default_factory=list)
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # written into the graph
 
     @property
     def input_names(self) -> list[str]:

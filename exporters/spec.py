@@ -22,6 +22,7 @@ import torch
 from txcompile.graph.errors import TxError
 from txcompile.graph.inputs import InputSpec
 
+from . import tasks
 from .builtin import BUILTINS
 from .huggingface import load_hf_folder
 from .model import TorchModel, flatten_outputs
@@ -30,11 +31,18 @@ from .quiet import one_line
 _FACTORY = re.compile(r"^(?P<path>.+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
 
 
-def load_model_spec(spec: str, *, attn_implementation: str | None = None) -> TorchModel:
-    """Resolve ``spec``: built-in name, folder with config.json, or ``path/to/file.py:factory``."""
+def load_model_spec(
+    spec: str, *, task: str | None = None, attn_implementation: str | None = None
+) -> TorchModel:
+    """Resolve ``spec``: built-in name, folder with config.json, or ``path/to/file.py:factory``.
+    ``task`` (a Hugging Face folder's) picks the head and outputs; inferred when None."""
     spec = str(spec).strip()
     if not spec:
         raise TxError("empty model spec: give a built-in name, a folder or file.py:factory")
+    if task is not None and tasks.task_named(task) and not Path(spec).is_dir():
+        raise TxError(
+            f"{spec}: --task applies to a Hugging Face model folder; a factory returns its own outputs"
+        )
     if spec in BUILTINS:
         return BUILTINS[spec][0]()
     if spec.lower().endswith(".onnx"):
@@ -46,7 +54,7 @@ def load_model_spec(spec: str, *, attn_implementation: str | None = None) -> Tor
         raise TxError(f"{spec}: name the factory to call, as file.py:factory")
     path = Path(spec)
     if path.is_dir():
-        return load_hf_folder(path, attn_implementation=attn_implementation, source=spec)
+        return load_hf_folder(path, task=task, attn_implementation=attn_implementation, source=spec)
     if path.exists():
         raise TxError(f"{spec}: not a model folder, .py:factory or built-in name")
     names = ", ".join(BUILTINS)

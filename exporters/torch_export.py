@@ -97,7 +97,7 @@ def export_onnx(
         if opset is not None and _opset(proto) != opset:
             warnings.append(f"asked for opset {opset}; the {name} exporter wrote opset {_opset(proto)}")
         write_specs(proto, [spec for spec in synced if spec.name in kept])
-        _set_metadata(proto, {SOURCE_KEY: model.source, EXPORTER_KEY: name})
+        _set_metadata(proto, {**model.metadata, SOURCE_KEY: model.source, EXPORTER_KEY: name})
         reason = failures.get("dynamo")
         return ExportResult(
             model=proto,

@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from txcompile.graph.errors import TxError, VerificationError
+from txcompile.graph.task_metadata import TASK_NAMES
 
 DEFAULT_MODEL = "tiny-bert"
 
@@ -103,6 +104,12 @@ def _add_export_options(parser: argparse.ArgumentParser) -> None:
         "--attn-implementation",
         choices=["eager", "sdpa"],
         help="Hugging Face attention implementation to export",
+    )
+    parser.add_argument(
+        "--task",
+        choices=TASK_NAMES,
+        help="what a Hugging Face folder's model is for: its head and outputs (default: from "
+        "modules.json, else config.architectures)",
     )
 
 
@@ -271,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inputs", help="inputs (.npz); random valid inputs otherwise")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--save-outputs", help="write the outputs to this .npz")
+    run.add_argument(
+        "--text",
+        action="append",
+        help="run on this text with the tokenizer saved in the model, and print the task's answer "
+        "(repeatable; question-answering takes a question, then a context)",
+    )
     which = run.add_mutually_exclusive_group()
     which.add_argument("--compare", help="another .onnx to run on the same inputs")
     which.add_argument(

@@ -12,29 +12,25 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from txcompile import compiler, pipelines, render, report
+from txcompile import api, compiler, pipelines, render, report
 from txcompile.graph import inputs as model_inputs
 from txcompile.graph import modelio, writes
 from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError, VerificationError, one_line
 from txcompile.passes.targets import int8_matmul
 from txcompile.runtime import bench as benchmark
+from txcompile.runtime import text as rtext
 
 # Pipes and CI logs get a wide console so report tables are never cut to 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _exporters():
-    try:
-        from txcompile import exporters
-    except ImportError as err:
-        if err.name != "torch":
-            raise
-        raise TxError("exporting needs PyTorch: pip install 'txcompile[torch,hf]'") from None
-    return exporters
+    return api._exporters()
 
 
 def _settings(args, dims: dict[str, int]) -> compiler.Settings:
+    flags = dict(vars(args))  # every flag: each pass fills its Options from the ones it declares
     return compiler.Settings(
         target=args.target,
         passes=args.passes,
@@ -44,7 +40,7 @@ def _settings(args, dims: dict[str, int]) -> compiler.Settings:
         dims=dims,
         inputs_npz=args.inputs,
         debug=args.debug,
-        flags=dict(vars(args)),  # every flag: each pass fills its Options from the ones it declares
+        flags=flags,
     )
 
 
@@ -53,13 +49,15 @@ def _base_dims(args) -> dict[str, int]:
 
 
 def _export(args):
-    exporters = _exporters()
-    torch_model = exporters.load_model_spec(args.model, attn_implementation=args.attn_implementation)
-    dims = model_inputs.dims_from_shapes(
-        torch_model.inputs, args.input_shape, {**torch_model.dims, **_base_dims(args)}
-    )
-    result = exporters.export_onnx(
-        torch_model, opset=args.opset, exporter=args.exporter, dims=dims, dynamic=args.dynamic
+    torch_model, result, dims = api.export(
+        args.model,
+        task=getattr(args, "task", None),
+        attn_implementation=args.attn_implementation,
+        opset=args.opset,
+        exporter=args.exporter,
+        dims=_base_dims(args),
+        input_shapes=args.input_shape,
+        dynamic=args.dynamic,
     )
     for warning in [*torch_model.warnings, *result.warnings]:
         console.print(f"warning: {warning}")
@@ -87,7 +85,7 @@ def export(args) -> int:
     return 0
 
 
-def _finish(outcome: compiler.Outcome, output: Path, strict: bool = False) -> int:
+def _finish(outcome: api.Compiled, output: Path, strict: bool = False) -> int:
     report_file = compiler.write(outcome, output)
     render.print_report(outcome.report, console)
     console.print(f"wrote {output} and {report_file}")
@@ -112,7 +110,7 @@ def optimize(args) -> int:
     model, model_files = modelio.load_model_and_files(args.model)
     writes.check_outputs(_model_outputs(output), [*model_files, *given[1:]])
     dims = model_inputs.dims_from_shapes(model_inputs.read_specs(model), args.input_shape, _base_dims(args))
-    outcome = compiler.optimize(model, _settings(args, dims), source=args.model, output=str(output))
+    outcome = api.optimize_model(model, _settings(args, dims), source=args.model, output=str(output))
     return _finish(outcome, output, strict=getattr(args, "strict", False))
 
 
@@ -126,41 +124,8 @@ def compile(args) -> int:
     torch_model, result, dims = _export(args)
     if args.save_export:
         modelio.save_model(result.model, args.save_export)
-    export_info = {
-        "exporter": result.exporter,
-        "fallback_reason": result.fallback_reason,
-        "opset": result.opset,
-        "seconds": result.seconds,
-        "max_diff": result.max_diff,
-    }
-    outcome = compiler.optimize(
-        result.model,
-        _settings(args, dims),
-        source=args.model,
-        output=str(output),
-        export=export_info,
-        torch_reference=_torch_runner(torch_model),
-        warnings=[*torch_model.warnings, *result.warnings],
-    )
+    outcome = api.compile_exported(torch_model, result, _settings(args, dims), output=str(output))
     return _finish(outcome, output, strict=getattr(args, "strict", False))
-
-
-def _torch_runner(torch_model):
-    """PyTorch outputs on the same feeds; inputs the graph dropped are drawn like the rest."""
-    import torch
-
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        dropped = [s for s in torch_model.inputs if s.name not in feeds]
-        if dropped:
-            first = next(iter(feeds.values()))
-            dims = {"batch": first.shape[0], "seq": first.shape[-1]} if first.ndim >= 2 else {}
-            feeds = {**feeds, **model_inputs.make_feeds(dropped, torch_model.resolved_dims(dims))}
-        with torch.no_grad():
-            outputs = torch_model.module(*[torch.from_numpy(feeds[s.name]) for s in torch_model.inputs])
-        outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
-        return {name: t.detach().numpy() for name, t in zip(torch_model.output_names, outputs, strict=True)}
-
-    return run
 
 
 def inspect(args) -> int:
@@ -214,6 +179,8 @@ def _warn_int8_weights(model) -> None:
 
 
 def run(args) -> int:
+    if args.text:
+        return _run_text(args)
     model, reads = modelio.load_model_and_files(args.model)
     other_model, compared_files = modelio.load_model_and_files(args.compare) if args.compare else (None, [])
     reads += [args.inputs, *compared_files]
@@ -250,13 +217,94 @@ def run(args) -> int:
         real_rows = real_rows or rt.padded_rows(other_model, feeds)  # either side may skip padding
     elif args.reference is not None:
         source = args.reference or _recorded_builtin(model, args.model)
-        other, label = _torch_runner(_exporters().load_model_spec(source))(feeds), f"PyTorch ({source})"
+        other, label = api.torch_runner(_exporters().load_model_spec(source))(feeds), f"PyTorch ({source})"
     if other is not None:
         diff = rt.max_abs_diff(outputs, other, real_rows)
         console.print(f"max diff vs {label}: {diff:.3g} (atol {args.atol:g})")
         if not diff <= args.atol:
             raise VerificationError(f"max diff {diff:.3g} vs {label} exceeds atol {args.atol:g}")
     return 0
+
+
+def _run_text(args) -> int:
+    """Tokenize with the model's own tokenizer, run, and print the task's answer."""
+    alone = [
+        f
+        for f, on in (
+            ("--inputs", args.inputs),
+            ("--compare", args.compare),
+            ("--reference", args.reference is not None),
+            ("--encrypted", args.encrypted),
+        )
+        if on
+    ]
+    if alone:
+        raise TxError(f"--text runs the model on text alone; drop {', '.join(alone)}")
+    writes.check_outputs([writes.npz_path(args.save_outputs) if args.save_outputs else None], [args.model])
+    model = api.load(args.model, device=args.device)
+    if not model.has_tokenizer:
+        raise TxError(f"{args.model}: saved without a tokenizer (compile it from a folder that has one)")
+    texts = list(args.text)
+    if model.task == "question-answering":
+        if len(texts) != 2:
+            raise TxError("question-answering takes two --text: the question, then the context")
+        texts = [(texts[0], texts[1])]
+    outputs = model(texts)
+    _print_answers(model, texts, outputs)
+    if args.save_outputs:
+        console.print(f"wrote {writes.write_npz(args.save_outputs, outputs)}")
+    return 0
+
+
+def _print_answers(model, texts: list, outputs: dict[str, np.ndarray]) -> None:
+    first = outputs[model.output_names[0]]
+    table = Table(show_edge=False)
+    if model.task == "sentence-embedding":
+        table.add_column("text")
+        table.add_column("norm")
+        for i in range(len(texts)):
+            table.add_column(f"cos {i}")
+        matrix = rtext.cosines(first)
+        for i, text in enumerate(texts):
+            table.add_row(_short(text), f"{np.linalg.norm(first[i]):.4f}", *[f"{c:.4f}" for c in matrix[i]])
+        console.print(f"sentence_embedding: {first.shape[-1]} dimensions")
+    elif model.task in ("text-classification", "image-classification"):
+        table.add_column("text")
+        table.add_column("top labels")
+        for text, row in zip(texts, first, strict=True):
+            table.add_row(
+                _short(text), ", ".join(f"{label} {p:.3f}" for label, p in rtext.top_labels(model, row))
+            )
+    elif model.task == "token-classification":
+        for column in ("text", "token", "label", "score"):
+            table.add_column(column)
+        for text, rows in zip(texts, first, strict=True):
+            for token, label, p in rtext.token_labels(model, text, rows):
+                table.add_row(_short(text), token, label, f"{p:.3f}")
+    elif model.task == "question-answering":
+        ((question, context),) = texts
+        span, p = rtext.best_span(
+            model, question, context, outputs["start_logits"][0], outputs["end_logits"][0]
+        )
+        console.print(f"answer: {span!r} (score {p:.3f})")
+        return
+    else:  # feature-extraction, text-generation, or no task recorded: the outputs per text
+        table.add_column("text")
+        for name in model.output_names:
+            table.add_column(f"{name} shape")
+            table.add_column("norm")
+        for i, text in enumerate(texts):
+            cells = []
+            for name in model.output_names:
+                row = outputs[name][i]
+                cells += ["x".join(map(str, row.shape)), f"{np.linalg.norm(row.astype(np.float64)):.4g}"]
+            table.add_row(_short(text), *cells)
+    console.print(table)
+
+
+def _short(text, width: int = 48) -> str:
+    text = " / ".join(text) if isinstance(text, tuple) else text
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _recorded_builtin(model, path: str) -> str:

@@ -1,0 +1,199 @@
+"""txcompile from Python: ``compile``, ``optimize`` and ``load``, the functions the CLI calls.
+
+    import txcompile
+    result = txcompile.compile("path/to/all-MiniLM-L6-v2", precision="int8")
+    result.save("minilm.onnx")
+    model = txcompile.load("minilm.onnx")
+    embeddings = model.encode(["A man plays guitar.", "Someone strums a guitar."])
+
+Errors are :class:`TxError` (bad input) and :class:`VerificationError` (only from
+``save(..., strict=True)``); nothing else is raised on purpose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from txcompile import compiler
+from txcompile.graph import inputs as model_inputs
+from txcompile.graph import modelio, writes
+from txcompile.graph.errors import TxError, VerificationError
+from txcompile.runtime.text import LoadedModel
+
+__all__ = ["Compiled", "compile", "load", "optimize"]
+
+
+@dataclasses.dataclass
+class Compiled:
+    """An optimized model with its pass report; ``passed`` is None when nothing was verified."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    passed: bool | None
+    export: Any = None  # the ExportResult of compile(), None for optimize()
+    reads: tuple[Path, ...] = ()  # files the result was made from: never replaced by save()
+
+    def save(self, path: str | os.PathLike, *, strict: bool = False) -> Path:
+        """The model, its external data and its report, written together; ``strict`` raises
+        VerificationError when verification failed (the files are written all the same)."""
+        path = Path(path)
+        writes.check_outputs([path, path.with_name(path.name + ".data")], list(self.reads))
+        self.report["output"] = str(path)
+        compiler.write(compiler.Outcome(self.model, self.report, self.passed), path)
+        if strict and self.passed is False:
+            check = self.report["verification"]
+            raise VerificationError(f"max diff {check['max_diff']:.3g} exceeds atol {check['atol']:g}")
+        return path
+
+
+def settings(
+    *,
+    target: str = "cpu",
+    passes: Sequence[str] | None = None,
+    disable: Sequence[str] = (),
+    atol: float = 1e-4,
+    verify: bool = True,
+    dims: dict[str, int] | None = None,
+    inputs: str | None = None,
+    debug: bool = False,
+    **flags: Any,
+) -> compiler.Settings:
+    """compiler.Settings from keyword options; the rest (precision, sparsity, …) are the flags
+    passes read by name, as the CLI's."""
+    if atol < 0 or atol != atol:
+        raise TxError(f"atol {atol} is not a tolerance (0 or more)")
+    flags = {"target": target, "atol": atol, "verify": verify, **flags}
+    return compiler.Settings(
+        target, passes, tuple(disable), atol, verify, dict(dims or {}), inputs, flags, debug
+    )
+
+
+def export(
+    model: str | os.PathLike,
+    *,
+    task: str | None = None,
+    attn_implementation: str | None = None,
+    opset: int | None = None,
+    exporter: str = "auto",
+    dims: dict[str, int] | None = None,
+    input_shapes: Sequence[str] = (),
+    dynamic: bool = True,
+):
+    """The PyTorch model ``model`` names and its ONNX export: ``(torch_model, result, dims)``."""
+    exporters = _exporters()
+    torch_model = exporters.load_model_spec(str(model), task=task, attn_implementation=attn_implementation)
+    dims = model_inputs.dims_from_shapes(
+        torch_model.inputs, list(input_shapes), {**torch_model.dims, **(dims or {})}
+    )
+    result = exporters.export_onnx(torch_model, opset=opset, exporter=exporter, dims=dims, dynamic=dynamic)
+    return torch_model, result, dims
+
+
+def compile_exported(torch_model, result, config: compiler.Settings, *, output: str = "") -> Compiled:
+    """Optimize an export and verify it against PyTorch on the same inputs."""
+    export_info = {
+        "exporter": result.exporter,
+        "fallback_reason": result.fallback_reason,
+        "opset": result.opset,
+        "seconds": result.seconds,
+        "max_diff": result.max_diff,
+    }
+    outcome = compiler.optimize(
+        result.model,
+        config,
+        source=torch_model.source,
+        output=output,
+        export=export_info,
+        torch_reference=torch_runner(torch_model),
+        warnings=[*torch_model.warnings, *result.warnings],
+    )
+    reads = tuple(_exporters().spec_files(torch_model.source))
+    return Compiled(outcome.model, outcome.report, outcome.passed, result, reads)
+
+
+def compile(
+    model: str | os.PathLike,
+    *,
+    task: str | None = None,
+    target: str = "cpu",
+    precision: str | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    opset: int | None = None,
+    **options: Any,
+) -> Compiled:
+    """Export a built-in name, Hugging Face folder or ``file.py:factory`` and optimize it for
+    ``target``; ``task`` (a folder's) is inferred when None. Other options are the CLI's flags
+    by their Python names (``passes=[...]``, ``sparsity=0.9``, ``verify=False``, …)."""
+    dims = {k: v for k, v in (("batch", batch), ("seq", seq)) if v}
+    torch_model, result, dims = export(model, task=task, opset=opset, dims=dims)
+    config = settings(target=target, dims=dims, precision=precision, **options)
+    return compile_exported(torch_model, result, config)
+
+
+def optimize(
+    model: str | os.PathLike | onnx.ModelProto,
+    *,
+    target: str = "cpu",
+    precision: str | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    **options: Any,
+) -> Compiled:
+    """Optimize an ONNX model (a path or a ModelProto) for ``target``, verified against itself."""
+    reads: tuple[Path, ...] = ()
+    if isinstance(model, onnx.ModelProto):
+        proto, source = model, "<ModelProto>"
+    else:
+        proto, files = modelio.load_model_and_files(model)
+        source, reads = str(model), tuple(files)
+    dims = {k: v for k, v in (("batch", batch), ("seq", seq)) if v}
+    config = settings(target=target, dims=dims, precision=precision, **options)
+    return optimize_model(proto, config, source=source, reads=reads)
+
+
+def optimize_model(
+    proto: onnx.ModelProto, config: compiler.Settings, *, source: str, output: str = "", reads=()
+) -> Compiled:
+    outcome = compiler.optimize(proto, config, source=source, output=output)
+    return Compiled(outcome.model, outcome.report, outcome.passed, None, tuple(reads))
+
+
+def load(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None) -> LoadedModel:
+    """A compiled model, ready to run: ``model(**arrays)``, ``model(texts)``, ``model.encode(texts)``."""
+    return LoadedModel(path, device=device, threads=threads)
+
+
+def torch_runner(torch_model) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """PyTorch outputs on the same feeds; inputs the graph dropped are drawn like the rest."""
+    import torch
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dropped = [s for s in torch_model.inputs if s.name not in feeds]
+        if dropped:
+            first = next(iter(feeds.values()))
+            dims = {"batch": first.shape[0], "seq": first.shape[-1]} if first.ndim >= 2 else {}
+            feeds = {**feeds, **model_inputs.make_feeds(dropped, torch_model.resolved_dims(dims))}
+        with torch.no_grad():
+            outputs = torch_model.module(*[torch.from_numpy(feeds[s.name]) for s in torch_model.inputs])
+        outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
+        return {name: t.detach().numpy() for name, t in zip(torch_model.output_names, outputs, strict=True)}
+
+    return run
+
+
+def _exporters():
+    try:
+        from txcompile import exporters
+    except ImportError as err:
+        if err.name != "torch":
+            raise
+        raise TxError("exporting needs PyTorch: pip install 'txcompile[torch,hf]'") from None
+    return exporters
