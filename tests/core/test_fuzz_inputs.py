@@ -152,6 +152,7 @@ FLAGS = {
         "--input-shape": WORDS,
         "--device": WORDS,
         "--level-budget": NUMBERS,
+        "--text": WORDS,
     },
     "inspect": {"--json": None, "--html": PATHS},
     "bench": {
@@ -291,9 +292,18 @@ METADATA = st.one_of(
 
 @FUZZ
 @given(
-    key=st.sampled_from(["txcompile.inputs", "txcompile.padded_outputs", "txcompile.source"]),
+    key=st.sampled_from(
+        [
+            "txcompile.inputs",
+            "txcompile.padded_outputs",
+            "txcompile.source",
+            "txcompile.task",
+            "txcompile.labels",
+            "txcompile.tokenizer",
+        ]
+    ),
     value=METADATA,
-    command=st.sampled_from(["run", "optimize", "bench", "reference"]),
+    command=st.sampled_from(["run", "optimize", "bench", "reference", "text"]),
 )
 def test_metadata(files, capsys, key, value, command):
     with _workspace(files) as folder:
@@ -306,5 +316,6 @@ def test_metadata(files, capsys, key, value, command):
             "optimize": ["optimize", given_, "-o", str(folder / "out.onnx")],
             "bench": ["bench", given_, "--iters", "1", "--warmup", "0"],
             "reference": ["run", given_, "--reference"],
+            "text": ["run", given_, "--text", "a text"],
         }[command]
         _check(folder, argv, capsys)

@@ -35,7 +35,9 @@ def test_minilm_sentence_embeddings_keep_cosine(tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, **encode(CALIBRATION))
     exported = export_onnx(
-        load_model_spec(str(get_model_path()), task="feature-extraction"), dims={"batch": BATCH, "seq": SEQ}, dynamic=False
+        load_model_spec(str(get_model_path()), task="feature-extraction"),
+        dims={"batch": BATCH, "seq": SEQ},
+        dynamic=False,
     )
     evaluation = encode(EVALUATION)
     first = {k: v[:BATCH] for k, v in evaluation.items()}

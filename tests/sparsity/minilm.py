@@ -106,7 +106,9 @@ def export() -> onnx.ModelProto:
     from txcompile.exporters import export_onnx, load_model_spec
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return export_onnx(load_model_spec(model_dir(), task="feature-extraction"), dims={"batch": 2, "seq": 16}).model
+    return export_onnx(
+        load_model_spec(model_dir(), task="feature-extraction"), dims={"batch": 2, "seq": 16}
+    ).model
 
 
 def tokenize(sentences: list[str], input_names: list[str]) -> dict[str, np.ndarray]:

@@ -94,7 +94,9 @@ def test_minilm_int8_sentence_embeddings_match_fp32(tmp_path):
     from ..sparsity.minilm import CALIBRATION
 
     folder = str(gt.get_model_path())
-    exported = export_onnx(load_model_spec(folder, task="feature-extraction"), dims={"batch": 2, "seq": 16}).model
+    exported = export_onnx(
+        load_model_spec(folder, task="feature-extraction"), dims={"batch": 2, "seq": 16}
+    ).model
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     names = [i.name for i in exported.graph.input]
 
