@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from txcompile.graph import ort as rt
+from txcompile.graph import size
 from txcompile.graph.errors import one_line
 
 
@@ -35,7 +36,7 @@ class OnnxChecker(Instrument):
 
     def after(self, candidate, exact, record):
         try:
-            if candidate.ByteSize() < rt.PROTOBUF_LIMIT:
+            if size.fits_in_protobuf(candidate):
                 onnx.checker.check_model(candidate)
         except Exception as err:
             return f"fails the ONNX checker: {one_line(err)}"

@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import uses_external_data
 
-from txcompile.graph import writes
+from txcompile.graph import size, writes
 from txcompile.graph.errors import TxError, one_line
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # models this large keep their weights in a .data file
@@ -45,8 +46,11 @@ def load_model_and_files(path: str | os.PathLike) -> tuple[onnx.ModelProto, list
         raise TxError(f"{path}: invalid ONNX model: {where} is not UTF-8 text")
     data_files = _check_external_data(model, path)
     try:
+        if data_files:  # the checker reads a model over 2 GiB only from its path
+            onnx.checker.check_model(str(path))
         onnx.load_external_data_for_model(model, str(path.parent))
-        onnx.checker.check_model(model)
+        if not data_files:
+            onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
         raise TxError(f"{path}: invalid ONNX model: {one_line(err)}") from None
     return model, [path, *data_files]
@@ -141,16 +145,21 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
 def stage_model(model: onnx.ModelProto, staging: writes.Staging, name: str) -> Path:
     """Write ``model`` into a staging folder as ``name`` (and ``name.data`` when over ~2 GB)."""
     staged = staging.file(name)
-    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
-        detached = onnx.ModelProto()
-        detached.CopyFrom(model)  # saving with external data strips the weights it moves out
-        onnx.save(
-            detached,
-            staged,
-            save_as_external_data=True,
-            location=name + ".data",
-            size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
-        )
+    if not size.fits_in_protobuf(model, EXTERNAL_DATA_THRESHOLD):
+        save_with_external_data(model, staged)
     else:
         onnx.save(model, staged)
     return staged
+
+
+def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """``path`` and ``path.data``, streamed by onnx_ir: no serialisation of the whole model (which
+    protobuf cannot do above 2 GiB), no copy of it, and ``model`` left as it was (onnx.save
+    with external data would strip the weights out of it)."""
+    path = Path(path)
+    ir.save(
+        ir.serde.deserialize_model(model),
+        path,
+        external_data=path.name + ".data",
+        size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+    )

@@ -20,10 +20,11 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from txcompile.graph import modelio, size
 from txcompile.graph.errors import TxError, one_line
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-PROTOBUF_LIMIT = 2**31 - 2**24  # leave headroom below 2 GiB for the graph itself
+PROTOBUF_LIMIT = size.PROTOBUF_LIMIT
 PADDED_OUTPUTS_KEY = "txcompile.padded_outputs"
 
 # also for events after import, where onnxruntime was imported before txcompile
@@ -104,12 +105,12 @@ def _loadable(model: onnx.ModelProto | str | os.PathLike) -> Iterator[str | byte
     if not isinstance(model, onnx.ModelProto):
         yield os.fspath(model)
         return
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if size.fits_in_protobuf(model):
         yield model.SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="txcompile-") as folder:
         path = os.path.join(folder, "model.onnx")
-        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+        modelio.save_with_external_data(model, path)
         yield path
 
 

@@ -15,6 +15,7 @@ import onnx.numpy_helper
 import onnx_ir as ir
 
 from txcompile.graph import ort as rt
+from txcompile.graph import size
 
 
 def static_shape(value: ir.Value) -> tuple[int, ...] | None:
@@ -77,7 +78,7 @@ def _exposed(model: ir.Model, names: list[str]):
     :func:`~txcompile.graph.ort.create_session`.
     """
     proto = ir.serde.serialize_model(model)
-    inferred = onnx.shape_inference.infer_shapes(proto) if proto.ByteSize() < rt.PROTOBUF_LIMIT else proto
+    inferred = onnx.shape_inference.infer_shapes(proto) if size.fits_in_protobuf(proto) else proto
     types = {vi.name: vi.type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
     wanted = set(names)
     initializers = {t.name for t in proto.graph.initializer}
