@@ -5,7 +5,8 @@ class comes from ``config.architectures[0]`` when transformers has it, else from
 A folder without weights is built from its config with seed 0, which is enough to compile
 and verify the graph; the TorchModel says so in its warnings. What inputs the model takes is
 read from its ``forward`` signature, so encoder-only parts (T5EncoderModel, WhisperEncoder)
-work like whole models.
+work like whole models. A task (:mod:`.tasks`), given or inferred, picks the head class and the
+outputs, and the folder's tokenizer is stored in the graph's metadata.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-OUTPUT_KEYS = ("logits", "last_hidden_state")
-
+OUTPUT_KEYS = ("logits", "last_hidden_state")  # without a task: the head's output, else the encoder's
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 

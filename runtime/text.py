@@ -68,7 +68,7 @@ class LoadedModel:
                 first = rt.run(self.session, batch)[self.output_names[0]]
             for row, index in enumerate(chosen):
                 results[index] = first[row]
-        return np.stack(results) if results else np.zeros((0,), np.float32)
+        return np.stack(results)
 
     def _encodings(self, texts: Sequence[Text]):
         if self._tokenizer is None:
