@@ -27,9 +27,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return load_model_and_files(path)[0]
 
 
-def load_model_and_files(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
+def load_model_and_files(
+    path: str | os.PathLike, *, weights: bool = True
+) -> tuple[onnx.ModelProto, list[Path]]:
     """The model and every file it was read from: itself and its external data (so that no
-    output may replace them)."""
+    output may replace them). ``weights=False`` checks external data but leaves it on disk,
+    for callers that only read the graph and hand the path to onnxruntime."""
     path = Path(path)
     if not path.exists():
         raise TxError(f"{path}: no such file")
@@ -48,7 +51,8 @@ def load_model_and_files(path: str | os.PathLike) -> tuple[onnx.ModelProto, list
     try:
         if data_files:  # the checker reads a model over 2 GiB only from its path
             onnx.checker.check_model(str(path))
-        onnx.load_external_data_for_model(model, str(path.parent))
+        if weights:
+            onnx.load_external_data_for_model(model, str(path.parent))
         if not data_files:
             onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
