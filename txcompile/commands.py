@@ -181,17 +181,20 @@ def _warn_int8_weights(model) -> None:
 def run(args) -> int:
     if args.text:
         return _run_text(args)
-    model, reads = modelio.load_model_and_files(args.model)
-    other_model, compared_files = modelio.load_model_and_files(args.compare) if args.compare else (None, [])
+    encrypted = getattr(args, "encrypted", False)  # the only run that reads the weights itself
+    model, reads = modelio.load_model_and_files(args.model, weights=encrypted)
+    other_model, compared_files = (
+        modelio.load_model_and_files(args.compare, weights=False) if args.compare else (None, [])
+    )
     reads += [args.inputs, *compared_files]
     reads += _exporters().spec_files(args.reference) if args.reference else []
     writes.check_outputs([writes.npz_path(args.save_outputs) if args.save_outputs else None], reads)
     _warn_int8_weights(model)
     feeds = _feeds(args, model)
-    if getattr(args, "encrypted", False):
+    if encrypted:
         return _run_encrypted(args, model, feeds)
     with rt.refusal(args.model):
-        outputs = rt.run(rt.create_session(model, args.device), feeds)
+        outputs = rt.run(rt.create_session(args.model, args.device), feeds)
     table = Table(show_edge=False)
     for column in ("output", "shape", "dtype", "mean", "std", "min", "max"):
         table.add_column(column)
@@ -213,7 +216,7 @@ def run(args) -> int:
     other, real_rows = None, rt.padded_rows(model, feeds)
     if args.compare:
         with rt.refusal(f"--compare {args.compare}"):
-            other, label = rt.run(rt.create_session(other_model, args.device), feeds), args.compare
+            other, label = rt.run(rt.create_session(args.compare, args.device), feeds), args.compare
         real_rows = real_rows or rt.padded_rows(other_model, feeds)  # either side may skip padding
     elif args.reference is not None:
         source = args.reference or _recorded_builtin(model, args.model)
@@ -342,17 +345,17 @@ def _run_encrypted(args, model, feeds) -> int:
 
 
 def bench(args) -> int:
-    loaded = [(name, *modelio.load_model_and_files(name)) for name in args.models]
-    models = [(name, model) for name, model, _ in loaded]
+    loaded = [(name, *modelio.load_model_and_files(name, weights=False)) for name in args.models]
     writes.check_outputs([args.json], [path for _, _, files in loaded for path in files], models=False)
-    for _, model in models:
+    for _, model, _ in loaded:
         _warn_int8_weights(model)
-    specs = model_inputs.read_specs(models[0][1])
+    specs = model_inputs.read_specs(loaded[0][1])
+    del loaded  # sessions read each model from its file; no second copy of the weights is kept
     threads = args.threads or benchmark.default_threads()
     sessions = []
-    for name, model in models:
+    for name in args.models:
         with rt.refusal(name):
-            sessions.append((name, rt.create_session(model, args.device, threads=threads)))
+            sessions.append((name, rt.create_session(name, args.device, threads=threads)))
     table = Table(title=f"latency, {threads} threads, {args.device}", show_edge=False)
     for column in ("batch", "seq", "model", "median ms", "p90 ms", "speedup", "per-round range"):
         table.add_column(column, justify="left" if column == "model" else "right")
