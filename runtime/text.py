@@ -25,7 +25,7 @@ class LoadedModel:
     output per text, batched by length (sentence embeddings, class logits)."""
 
     def __init__(self, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None):
-        model, _ = modelio.load_model_and_files(path, weights=False)  # the session reads the weights
+        model, self.files = modelio.load_model_and_files(path, weights=False)  # the session reads the weights
         self.path = str(path)
         info = task_metadata.read(model, self.path)
         self.task, self.labels = info.task, info.labels

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from txcompile import compiler
+from txcompile import compiler, pipelines, report
 from txcompile.graph import inputs as model_inputs
 from txcompile.graph import modelio, writes
 from txcompile.graph.errors import TxError, VerificationError
@@ -44,7 +44,8 @@ class Compiled:
         """The model, its external data and its report, written together; ``strict`` raises
         VerificationError when verification failed (the files are written all the same)."""
         path = Path(path)
-        writes.check_outputs([path, path.with_name(path.name + ".data")], list(self.reads))
+        outputs = [path, path.with_name(path.name + ".data"), report.report_path(path)]
+        writes.check_outputs(outputs, list(self.reads))
         self.report["output"] = str(path)
         compiler.write(compiler.Outcome(self.model, self.report, self.passed), path)
         if strict and self.passed is False:
@@ -69,10 +70,19 @@ def settings(
     passes read by name, as the CLI's."""
     if atol < 0 or atol != atol:
         raise TxError(f"atol {atol} is not a tolerance (0 or more)")
+    known = pass_options()
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        raise TxError(f"unknown option {unknown[0]!r}: passes read {', '.join(sorted(known))}")
     flags = {"target": target, "atol": atol, "verify": verify, **flags}
     return compiler.Settings(
         target, passes, tuple(disable), atol, verify, dict(dims or {}), inputs, flags, debug
     )
+
+
+def pass_options() -> set[str]:
+    """Every option a pass reads by name (the fields of the passes' Options)."""
+    return {f.name for cls in pipelines.PASSES.values() for f in dataclasses.fields(cls.Options)}
 
 
 def export(

@@ -243,8 +243,8 @@ def _run_text(args) -> int:
     ]
     if alone:
         raise TxError(f"--text runs the model on text alone; drop {', '.join(alone)}")
-    writes.check_outputs([writes.npz_path(args.save_outputs) if args.save_outputs else None], [args.model])
     model = api.load(args.model, device=args.device)
+    writes.check_outputs([writes.npz_path(args.save_outputs) if args.save_outputs else None], model.files)
     if not model.has_tokenizer:
         raise TxError(f"{args.model}: saved without a tokenizer (compile it from a folder that has one)")
     texts = list(args.text)
