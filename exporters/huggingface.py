@@ -64,7 +64,7 @@ def load_hf_folder(
         raise TxError(f"{source}: cannot read config.json: {one_line(err)}") from None
     architectures = [str(a) for a in getattr(config, "architectures", None) or []]
     by_architecture = tasks.architecture_task(architectures)
-    chosen = wanted or tasks.infer_task(folder, architectures)
+    chosen = wanted or tasks.infer_task(folder, architectures, source)
     if chosen is None or chosen == by_architecture:
         model_class, note = _model_class(transformers, config, source)
         if note:

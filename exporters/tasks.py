@@ -80,9 +80,9 @@ def task_named(name: str) -> Task:
     return TASKS[name]
 
 
-def infer_task(folder: Path, architectures: list[str]) -> Task | None:
+def infer_task(folder: Path, architectures: list[str], source: str) -> Task | None:
     """sentence-embedding for a sentence-transformers folder, else the architecture's task."""
-    if _pooling_module(folder) is not None:
+    if _pooling_module(_modules(folder, source)) is not None:
         return TASKS["sentence-embedding"]
     return architecture_task(architectures)
 
@@ -131,7 +131,7 @@ def pooling(folder: Path, source: str) -> Pooling:
     modules = _modules(folder, source)
     if modules is None:
         return Pooling(("mean_tokens",), False)
-    entry = _pooling_module(folder)
+    entry = _pooling_module(modules)
     normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
     if entry is None:
         return Pooling(("mean_tokens",), normalize)
@@ -165,12 +165,8 @@ def _modules(folder: Path, source: str) -> list[dict] | None:
     return modules
 
 
-def _pooling_module(folder: Path) -> dict | None:
-    try:
-        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
-        return next(m for m in modules if str(m.get("type", "")).endswith("Pooling"))
-    except (OSError, ValueError, AttributeError, TypeError, StopIteration):
-        return None
+def _pooling_module(modules: list[dict] | None) -> dict | None:
+    return next((m for m in modules or [] if str(m.get("type", "")).endswith("Pooling")), None)
 
 
 def _reason(err: BaseException) -> str:

@@ -142,7 +142,7 @@ def compile(
     """Export a built-in name, Hugging Face folder or ``file.py:factory`` and optimize it for
     ``target``; ``task`` (a folder's) is inferred when None. Other options are the CLI's flags
     by their Python names (``passes=[...]``, ``sparsity=0.9``, ``verify=False``, …)."""
-    dims = {k: v for k, v in (("batch", batch), ("seq", seq)) if v}
+    dims = _dims(batch, seq)
     torch_model, result, dims = export(model, task=task, opset=opset, dims=dims)
     config = settings(target=target, dims=dims, precision=precision, **options)
     return compile_exported(torch_model, result, config)
@@ -164,7 +164,7 @@ def optimize(
     else:
         proto, files = modelio.load_model_and_files(model)
         source, reads = str(model), tuple(files)
-    dims = {k: v for k, v in (("batch", batch), ("seq", seq)) if v}
+    dims = _dims(batch, seq)
     config = settings(target=target, dims=dims, precision=precision, **options)
     return optimize_model(proto, config, source=source, reads=reads)
 
@@ -197,6 +197,10 @@ def torch_runner(torch_model) -> Callable[[dict[str, np.ndarray]], dict[str, np.
         return {name: t.detach().numpy() for name, t in zip(torch_model.output_names, outputs, strict=True)}
 
     return run
+
+
+def _dims(batch: int | None, seq: int | None) -> dict[str, int]:
+    return {k: v for k, v in (("batch", batch), ("seq", seq)) if v}
 
 
 def _exporters():

@@ -30,7 +30,6 @@ def _exporters():
 
 
 def _settings(args, dims: dict[str, int]) -> compiler.Settings:
-    flags = dict(vars(args))  # every flag: each pass fills its Options from the ones it declares
     return compiler.Settings(
         target=args.target,
         passes=args.passes,
@@ -40,7 +39,7 @@ def _settings(args, dims: dict[str, int]) -> compiler.Settings:
         dims=dims,
         inputs_npz=args.inputs,
         debug=args.debug,
-        flags=flags,
+        flags=dict(vars(args)),  # every flag: each pass fills its Options from the ones it declares
     )
 
 

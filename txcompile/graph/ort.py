@@ -24,7 +24,6 @@ from txcompile.graph import modelio, size
 from txcompile.graph.errors import TxError, one_line
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-PROTOBUF_LIMIT = size.PROTOBUF_LIMIT
 PADDED_OUTPUTS_KEY = "txcompile.padded_outputs"
 
 # also for events after import, where onnxruntime was imported before txcompile
