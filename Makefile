@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11+:
-#   make demo   export, optimize, verify, run and time the built-in tiny-bert; print the pass report
+#   make demo   export, optimize, verify, run and time the built-in tiny-bert; print the pass report;
+#               then compile the built-in decoder with its KV cache and generate a few tokens
 #   make test   the whole test suite (model-zoo tests included)
 # Both create .venv if it is missing and install what they need into it.
 
@@ -35,6 +36,8 @@ demo: $(STAMP)
 	$(TX) compile tiny-bert -o $(OUT)/tiny-bert.onnx --save-export $(OUT)/tiny-bert.export.onnx
 	$(TX) run $(OUT)/tiny-bert.onnx --reference
 	$(TX) bench $(OUT)/tiny-bert.export.onnx $(OUT)/tiny-bert.onnx --batch 1,8 --seq 128
+	$(TX) compile tiny-llama-decoder -o $(OUT)/tiny-llama-decoder.onnx
+	$(TX) generate $(OUT)/tiny-llama-decoder.onnx --prompt-ids 1,2,3,4,5 --prompt-ids 6,7 --max-new-tokens 8
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)

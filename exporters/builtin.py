@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from txcompile.graph.inputs import InputSpec
+from txcompile.graph import task_metadata
+from txcompile.graph.inputs import PAST_DIM, TOTAL_DIM, InputSpec
 
 from .model import TorchModel
 
@@ -168,18 +169,22 @@ class LlamaLayer(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x, cos, sin, bias):
+    def forward(self, x, cos, sin, bias, past: tuple | None = None):
+        """The layer's output; with ``past`` (keys, values) also the present keys and values."""
         h = self.input_norm(x)
         q = _split_heads(self.q_proj(h), self.heads)
         k = _split_heads(self.k_proj(h), self.kv_heads)
         v = _split_heads(self.v_proj(h), self.kv_heads)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         repeats = self.heads // self.kv_heads
         context = _attention(q, repeat_kv(k, repeats), repeat_kv(v, repeats), bias)
         x = x + self.o_proj(_merge_heads(context))
         h = self.post_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        x = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x if past is None else (x, k, v)
 
 
 class TinyLlama(nn.Module):
@@ -211,6 +216,32 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+class TinyLlamaWithPast(nn.Module):
+    """TinyLlama as one graph for prefill and decode (the layout exporters/decoder.py writes for
+    Hugging Face models): position ids and the past keys/values in, the last position's logits
+    and the present keys/values out."""
+
+    def __init__(self, model: TinyLlama):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        model = self.model
+        x = model.embed(input_ids)
+        freqs = position_ids[..., None].to(torch.float32) * model.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [batch, 1, seq, head_dim]
+        seq, past_length = input_ids.shape[1], past[0].shape[2]
+        causal = torch.ones(seq, past_length + seq, dtype=torch.bool, device=x.device).tril(past_length)
+        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+        bias = _masked_bias(allowed, x.dtype)
+        present = []
+        for index, layer in enumerate(model.layers):
+            x, k, v = layer(x, cos, sin, bias, (past[2 * index], past[2 * index + 1]))
+            present += [k, v]
+        return (model.lm_head(model.norm(x[:, -1:])), *present)
+
+
 def tiny_llama() -> TorchModel:
     torch.manual_seed(0)
     module = TinyLlama()
@@ -220,6 +251,27 @@ def tiny_llama() -> TorchModel:
         InputSpec("attention_mask", "int64", ("batch", "seq"), "mask"),
     ]
     return TorchModel(module.eval(), inputs, ["logits"], "tiny-llama")
+
+
+def tiny_llama_decoder() -> TorchModel:
+    torch.manual_seed(0)
+    module = TinyLlama()
+    _perturb_norms(module)
+    layers, kv_heads, head_dim = LAYERS, 2, HIDDEN // HEADS
+    names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    inputs = [
+        InputSpec("input_ids", "int64", ("batch", "seq"), "ids", 0, VOCAB),
+        InputSpec("attention_mask", "int64", ("batch", TOTAL_DIM), "mask"),
+        InputSpec("position_ids", "int64", ("batch", "seq"), "positions"),
+        *(InputSpec(name, "float32", ("batch", kv_heads, PAST_DIM, head_dim), "normal") for name in names),
+    ]
+    outputs = ["logits", *(name.replace("past_key_values", "present") for name in names)]
+    settings = task_metadata.Generation(eos_ids=(), pad_id=0, max_positions=MAX_POSITIONS)
+    metadata = {task_metadata.TASK_KEY: "text-generation", task_metadata.GENERATION_KEY: settings.to_json()}
+    dims = {"batch": 2, "seq": 16, PAST_DIM: 4}
+    return TorchModel(
+        TinyLlamaWithPast(module).eval(), inputs, outputs, "tiny-llama-decoder", dims, [], metadata
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +327,11 @@ def tiny_vit() -> TorchModel:
 BUILTINS: dict[str, tuple[Callable[[], TorchModel], str]] = {
     "tiny-bert": (tiny_bert, "BERT encoder: post-LN, exact GELU, 2-D padding mask (64 wide, 2 layers)"),
     "tiny-llama": (tiny_llama, "LLaMA decoder: RMSNorm, RoPE, GQA 4/2 heads, causal mask, SwiGLU"),
+    "tiny-llama-decoder": (
+        tiny_llama_decoder,
+        "tiny-llama with a KV cache: one graph for prefill and decode, for txcompile generate",
+    ),
     "tiny-vit": (tiny_vit, "ViT: 8x8 Conv2d patches of a 32x32 image, cls token, pre-LN blocks"),
 }
 DEFAULT_MODEL = "tiny-bert"
+BUILTIN_TASKS = {("tiny-llama", "text-generation"): "tiny-llama-decoder"}  # --task on a built-in

@@ -23,7 +23,7 @@ from txcompile.graph import task_metadata
 from txcompile.graph.errors import TxError
 from txcompile.graph.inputs import InputSpec
 
-from . import tasks
+from . import decoder, tasks
 from .model import TorchModel
 from .quiet import captured, one_line
 
@@ -92,6 +92,13 @@ def load_hf_folder(
         model.config.use_cache = False
     model.config.return_dict = True
     inputs, dims = _input_specs(model, source)
+    metadata = _task_metadata(folder, model.config, chosen, transformers, source, warnings)
+    if chosen is not None and chosen.name == "text-generation":
+        wrapper, inputs, outputs, dims = decoder.with_past(model, inputs, dims, source)
+        limit = _limit(model.config, "max_position_embeddings", "n_positions")
+        settings = decoder.generation(model, limit if limit < 1 << 20 else None)
+        metadata[task_metadata.GENERATION_KEY] = settings.to_json()
+        return TorchModel(wrapper, inputs, outputs, source, dims, warnings, metadata)
     if chosen is not None and chosen.name == "question-answering":
         inputs += _segment_ids(model)  # the context's tokens are segment 1
     call_kwargs = _call_kwargs(model)
@@ -104,7 +111,6 @@ def load_hf_folder(
         outputs = ["sentence_embedding"]
     else:
         wrapper = tasks.TaskOutputs(model, names, tuple(outputs), call_kwargs)
-    metadata = _task_metadata(folder, model.config, chosen, transformers, source, warnings)
     return TorchModel(wrapper.eval(), inputs, outputs, source, dims, warnings, metadata)
 
 

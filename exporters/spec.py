@@ -23,7 +23,7 @@ from txcompile.graph.errors import TxError
 from txcompile.graph.inputs import InputSpec
 
 from . import tasks
-from .builtin import BUILTINS
+from .builtin import BUILTIN_TASKS, BUILTINS
 from .huggingface import load_hf_folder
 from .model import TorchModel, flatten_outputs
 from .quiet import one_line
@@ -39,6 +39,8 @@ def load_model_spec(
     spec = str(spec).strip()
     if not spec:
         raise TxError("empty model spec: give a built-in name, a folder or file.py:factory")
+    if (spec, task) in BUILTIN_TASKS:
+        return BUILTINS[BUILTIN_TASKS[spec, task]][0]()
     if task is not None and tasks.task_named(task) and not Path(spec).is_dir():
         raise TxError(
             f"{spec}: --task applies to a Hugging Face model folder; a factory returns its own outputs"

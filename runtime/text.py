@@ -29,7 +29,9 @@ class LoadedModel:
         self.path = str(path)
         info = task_metadata.read(model, self.path)
         self.task, self.labels = info.task, info.labels
-        self._tokenizer, self._pad_id = _tokenizer(info.tokenizer, self.path) if info.tokenizer else (None, 0)
+        self._tokenizer, self._pad_id = (
+            tokenizer_from_json(info.tokenizer, self.path) if info.tokenizer else (None, 0)
+        )
         with rt.refusal(self.path):
             self.session = rt.create_session(path, device, threads)
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
@@ -105,7 +107,8 @@ class LoadedModel:
         return feeds
 
 
-def _tokenizer(text: str, where: str) -> tuple:
+def tokenizer_from_json(text: str, where: str) -> tuple:
+    """The tokenizer saved in a model (without padding) and its padding id."""
     try:
         from tokenizers import Tokenizer
     except ImportError:

@@ -24,6 +24,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _id_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} needs token ids of 0 or more")
+    return values
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v]
@@ -311,6 +321,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iters", type=_positive, default=20)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--json", help="also write the timings to this JSON file")
+
+    generate = commands.add_parser("generate", help="generate tokens with a decoder graph and its KV cache")
+    generate.add_argument("model", help=".onnx exported with --task text-generation")
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument(
+        "--prompt-ids",
+        action="append",
+        type=_id_list,
+        help="a prompt as comma-separated token ids (repeatable)",
+    )
+    prompts.add_argument("--prompt", action="append", help="a prompt as text (repeatable)")
+    generate.add_argument(
+        "--tokenizer", help="folder with tokenizer.json (default: the one saved in the model)"
+    )
+    generate.add_argument("--max-new-tokens", type=_positive, default=32)
+    generate.add_argument(
+        "--greedy", action="store_true", help="the most likely token each step (the default)"
+    )
+    generate.add_argument("--temperature", type=float, help="sample at this temperature")
+    generate.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    generate.add_argument("--top-p", type=float, help="sample among the most likely tokens summing to p")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    generate.add_argument("--eos-id", type=int, action="append", help="end-of-text id (default: the model's)")
+    generate.add_argument("--device", default="cpu", help="cpu or cuda")
+    generate.add_argument("--threads", type=_positive, help="intra-op threads (default: all cores)")
+    generate.add_argument("--json", action="store_true", help="print ids and timings as JSON")
 
     commands.add_parser("passes", help="list every pass and pipeline")
     return parser

@@ -19,6 +19,7 @@ from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError, VerificationError, one_line
 from txcompile.passes.targets import int8_matmul
 from txcompile.runtime import bench as benchmark
+from txcompile.runtime import generate as rgenerate
 from txcompile.runtime import text as rtext
 
 # Pipes and CI logs get a wide console so report tables are never cut to 80 columns.
@@ -399,4 +400,42 @@ def passes(args) -> int:
     for name, (summary, names) in pipelines.PIPELINES.items():
         lines.add_row(name, summary, ", ".join(names))
     console.print(lines)
+    return 0
+
+
+def generate(args) -> int:
+    """Greedy or sampled generation; the text (or ids), prefill ms and decode tokens/s."""
+    sampled = [
+        f
+        for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p))
+        if v is not None
+    ]
+    if args.greedy and sampled:
+        raise TxError(f"--greedy chooses the most likely token; drop {', '.join(sampled)} or --greedy")
+    sampling = None
+    if sampled:
+        sampling = rgenerate.Sampling(
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_k=args.top_k or 0,
+            top_p=1.0 if args.top_p is None else args.top_p,
+            seed=args.seed,
+        )
+    generator = rgenerate.Generator(
+        args.model, device=args.device, threads=args.threads, tokenizer=args.tokenizer
+    )
+    prompts = args.prompt_ids or [generator.encode(text) for text in args.prompt]
+    result = generator.generate(prompts, args.max_new_tokens, sampling=sampling, eos_ids=args.eos_id)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    for index, ids in enumerate(result.ids):
+        shown = generator.decode(ids) if args.prompt else ",".join(map(str, ids))
+        if args.prompt:
+            console.print(f"[bold]{_short(args.prompt[index])}[/bold]{shown}", highlight=False, markup=True)
+        else:
+            console.print(shown, highlight=False)
+    console.print(
+        f"prefill {result.prefill_ms:.1f} ms; decode {result.decode_tokens_per_s:.1f} tokens/s "
+        f"({result.decode_tokens} tokens; stopped at {result.stopped})"
+    )
     return 0

@@ -23,6 +23,9 @@ from txcompile.graph.errors import TxError
 from txcompile.graph.nodes import op_histogram
 from txcompile.pass_manager import PassManager, PipelineResult
 from txcompile.passes.base import PassContext
+from txcompile.runtime import generate as rgenerate
+
+DECODE_STEPS = 3  # decode steps after the prefill in a decoder's verification
 
 
 @dataclasses.dataclass
@@ -84,6 +87,8 @@ def optimize(
     result = manager.run(model, feeds)
     final = result.model
     verification = _verification(final, result, feeds, settings, device, torch_reference)
+    if settings.verify and _is_decoder(final):
+        _verify_steps(verification, model, final, settings, device, torch_reference)
     ops_before = op_histogram(ir.serde.deserialize_model(model))
     ops_after = op_histogram(ir.serde.deserialize_model(final))
     built = report.build(
@@ -127,6 +132,34 @@ def _verification(final, result: PipelineResult, feeds, settings: Settings, devi
     if result.exact:
         info["passed"] = info["max_diff"] <= settings.atol
     return info
+
+
+def _is_decoder(model: onnx.ModelProto) -> bool:
+    return any(rgenerate.PAST.fullmatch(v.name) for v in model.graph.input) and any(
+        rt.PRESENT.fullmatch(v.name) for v in model.graph.output
+    )
+
+
+def _verify_steps(info: dict, model, final, settings: Settings, device: str, torch_reference) -> None:
+    """A decoder is also judged as it is used: a padded prefill, then decode steps that feed
+    the present keys/values back as the past (against PyTorch, else the input model)."""
+    session = rt.create_session(final, device)
+    reference_session = rt.create_session(model, device) if torch_reference is None else None
+
+    def reference(feeds):
+        return torch_reference(feeds) if reference_session is None else rt.run(reference_session, feeds)
+
+    specs = model_inputs.read_specs(final)
+    diff = rgenerate.compare_steps(
+        lambda feeds: rt.run(session, feeds),
+        reference,
+        specs,
+        steps=DECODE_STEPS,
+        padded_rows=lambda feeds: rt.padded_rows(final, feeds),
+    )
+    info["decode_steps"] = {"steps": DECODE_STEPS, "max_diff": diff}
+    if info["passed"] is not None:
+        info["passed"] = bool(info["passed"] and diff <= settings.atol)
 
 
 def write(outcome: Outcome, output: str | Path) -> Path:

@@ -64,6 +64,12 @@ def summary_lines(report: dict) -> list[str]:
             f"verification {verdict}: max diff vs {check['reference']} {_number(check['max_diff'])} "
             f"(atol {check['atol']:g}) on {_shapes(check['inputs'])}"
         )
+        steps = check.get("decode_steps")
+        if isinstance(steps, dict) and isinstance(steps.get("max_diff"), int | float):
+            lines.append(
+                f"  and as it generates: prefill + {steps.get('steps')} decode steps feeding present back "
+                f"as past, max diff {_number(steps['max_diff'])}"
+            )
     else:
         lines.append("verification skipped (--no-verify)")
     analysis = report.get("analysis")

@@ -107,6 +107,46 @@ class AttentionBias:
         return total
 
 
+def zero_unattended_rows(
+    reading: Reading,
+    state: AttentionState,
+    b: GraphBuilder,
+    bias: ir.Value | None,
+    output: ir.Value,
+    split_heads: bool = False,
+) -> ir.Value:
+    """The NaN guard's effect on the fused output ([B, S, hidden], or [B, N, S, D] when
+    ``split_heads``): a query row whose every key is masked (−∞) gives 0, where the fused op's
+    softmax over all −∞ gives NaN. Left-padded prompts have such rows (a padding token sees no
+    real token), and a NaN there would reach every later step through the cache. The rows are
+    read off the bias once per bias; its head axis is 1 (the lowering checked)."""
+    if not reading.site.guarded or bias is None:
+        return output
+    key = ("unattended", id(bias), split_heads)
+    if key not in state.bias_cache:
+        if state.opset >= 18:
+            top = b.op("ReduceMax", bias, b.const(np.array([-1], np.int64)), keepdims=1)
+        else:
+            top = b.op("ReduceMax", bias, axes=[-1], keepdims=1)
+        rows = b.op("IsInf", top, detect_positive=0)  # [B|1, 1, S, 1]
+        if not split_heads:
+            if state.opset >= 13:
+                rows = b.op("Squeeze", rows, b.const(np.array([1], np.int64)))
+            else:
+                rows = b.op("Squeeze", rows, axes=[1])
+        state.bias_cache[key] = rows
+    return b.op("Where", state.bias_cache[key], b.const(np.array(0.0, np.float32)), output)
+
+
+def per_head_bias(reading: Reading, shapes: Shapes) -> bool:
+    """Whether the site's bias has more than one head (its axis 1), as far as the shapes say."""
+    for term in reading.site.biases:
+        shape = shapes(term.value)
+        if shape is None or (len(shape) == 4 and shape[1] != 1):
+            return True
+    return False
+
+
 def bias_sum(terms: list[BiasTerm], b: GraphBuilder) -> ir.Value | None:
     """The terms as one additive tensor: added values scaled, Where-fills as Where(mask, 0, fill)."""
     total = None

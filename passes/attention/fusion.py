@@ -94,6 +94,7 @@ class FuseAttention(RulePass):
             sites, shapes, self.rule_counts, feeds, self.context.target, self.options.precision
         )
         state.lowerings = lowerings(op_choice)
+        state.opset = model.opset_imports.get("", 1)
         if op_choice == "gqa":
             terms = [t.value for s in readable for t in s.biases]
             state.mask_values = probe_values(model, terms, feeds) if terms else {}

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import MS_DOMAIN
-from txcompile.passes.attention.bias import AttentionBias, FoldProjectionBias
+from txcompile.passes.attention.bias import AttentionBias, FoldProjectionBias, zero_unattended_rows
 from txcompile.passes.attention.lowering import Lowering
 from txcompile.passes.attention.output import attach_output, query_bsh
 from txcompile.passes.attention.read import AttentionState, Reading
@@ -33,6 +33,8 @@ def emit_contrib(
         inputs.pop()
     attributes = {"num_heads": reading.layout.heads, "scale": float(reading.site.scale)}
     output = b.ops(op_type, inputs, attributes, domain=MS_DOMAIN)[0]
+    bias = inputs[5] if len(inputs) > 5 else None
+    output = zero_unattended_rows(reading, state, b, bias, output)
     attach_output(reading, output, state.shapes, b, merged=True)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from txcompile.graph.build import GraphBuilder
-from txcompile.passes.attention.bias import AttentionBias
+from txcompile.passes.attention.bias import AttentionBias, zero_unattended_rows
 from txcompile.passes.attention.lowering import Lowering
 from txcompile.passes.attention.output import attach_output
 from txcompile.passes.attention.read import AttentionState, Reading
@@ -34,4 +34,5 @@ class OnnxAttention(Lowering):
         mask = AttentionBias().build(reading, state, b, query_length, key_length)
         inputs = [site.query, key, site.value] + ([mask] if mask is not None else [])
         output = b.op("Attention", *inputs, scale=float(site.scale))
+        output = zero_unattended_rows(reading, state, b, mask, output, split_heads=True)
         attach_output(reading, output, state.shapes, b, merged=False)

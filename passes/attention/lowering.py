@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import MS_DOMAIN
+from txcompile.passes.attention.bias import per_head_bias
 from txcompile.passes.attention.read import AttentionState, Reading
 from txcompile.passes.attention.sites import Site
 from txcompile.passes.rules import Rewrite, Rule
@@ -32,7 +33,11 @@ class Lowering(Rule):
 
     def check(self, site: Site, state: AttentionState) -> str | None:
         reading = state.reading(site)
-        return site.reason if reading is None else self.refuse(reading, state)
+        if reading is None:
+            return site.reason
+        if site.guarded and per_head_bias(reading, state.shapes):
+            return "a NaN guard below the Softmax over a per-head bias (fully masked rows unknown)"
+        return self.refuse(reading, state)
 
     def refuse(self, reading: Reading, state: AttentionState) -> str | None:
         """Why this op cannot take the read site (None: it can)."""

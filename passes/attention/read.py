@@ -67,6 +67,7 @@ class AttentionState:
     feeds: Mapping[str, np.ndarray]
     target: str
     precision: str | None = None
+    opset: int = 17  # the graph's default-domain opset (how ReduceMax takes its axes)
     mask_values: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # GQA's mask check
     padding: str | None = None  # the 2-D attention-mask input GroupQueryAttention reads
     padding_reason: str | None = None

@@ -6,9 +6,11 @@ five elementwise ops.
 
 The graph's own cos/sin stay: their first half, one row per position, is the op's cache, and
 the position ids are the offset 0. That keeps the fused graph valid at every sequence length
-(no cache to size) but requires cos/sin to be the same for every batch row, which is checked
-on the verification inputs. Partial rotary (only the first dims rotated) and the interleaved
-form are left alone and listed with the reason.
+(no cache to size). Where cos/sin differ per batch row — a decoder with a cache takes position
+ids, which count each left-padded row's own tokens from its past — the cache is their first
+half flattened to one row per (batch row, position), and the position ids index it
+(b·seq + s): exact for any past length, still with no table to size. Partial rotary (only
+the first dims rotated) and the interleaved form are left alone and listed with the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import onnx_ir as ir
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.graph.probe import Shapes, probe_shapes
-from txcompile.passes.attention.rotary_sites import Site, check, match
+from txcompile.passes.attention.rotary_sites import Site, check, match, shared_by_rows
 from txcompile.passes.rules import Rewrite, Rule, RulePass, SiteRecord
 
 
@@ -65,7 +67,11 @@ class RotaryRule(Rule):
                 build.op("Reshape", build.op("Slice", value, zero, end, last), rows)
                 for value in (site.cos, site.sin)
             )
-            state.caches[key] = (cos, sin, build.const(np.array([0], np.int64)))
+            if shared_by_rows(site, state.shapes):
+                positions = build.const(np.array([0], np.int64))
+            else:
+                positions = _row_positions(build, site.cos, site.x)
+            state.caches[key] = (cos, sin, positions)
         cos_cache, sin_cache, offset = state.caches[key]
         rotated = build.op(
             "RotaryEmbedding",
@@ -80,6 +86,17 @@ class RotaryRule(Rule):
         nodes = build.commit()
         ir.convenience.replace_all_uses_with(site.add.outputs[0], rotated)
         return Rewrite("RotaryEmbedding", nodes)
+
+
+def _row_positions(build: GraphBuilder, cos: ir.Value, x: ir.Value) -> ir.Value:
+    """Position ids [B, S] into the flattened cos [R·S, half] (R = 1 or B): row b reads
+    b·S + s when cos has a row per batch row, s when one row is shared (Expand)."""
+    rows, seq = build.op("Shape", cos, start=0, end=1), build.op("Shape", cos, start=-2, end=-1)
+    count = build.op("Squeeze", build.op("Mul", rows, seq), build.const(np.array([0], np.int64)))
+    flat = build.op("Range", build.const(np.array(0, np.int64)), count, build.const(np.array(1, np.int64)))
+    table = build.op("Reshape", flat, build.op("Concat", rows, seq, axis=0))
+    batch = build.op("Shape", x, start=0, end=1)
+    return build.op("Expand", table, build.op("Concat", batch, seq, axis=0))
 
 
 class FuseRotary(RulePass):

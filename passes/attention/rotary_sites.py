@@ -87,10 +87,13 @@ def check(site: Site, shapes: Shapes) -> str | None:
     if axis not in (-1, last):
         return f"rotate_half concatenates on axis {axis}, not the last"
     for name, shape in (("cos", cos_shape), ("sin", sin_shape)):
-        if shape is None or tuple(shape[-2:]) != tuple(x_shape[-2:]) or any(d != 1 for d in shape[:-2]):
-            return f"{name} is not one row per position shared by every batch row and head (shape {shape})"
-    if x_shape[0] < 2:
-        return "the verification batch has one row: cannot tell that cos/sin are shared by all rows"
+        if shape is None or tuple(shape[-2:]) != tuple(x_shape[-2:]) or len(shape) > 4:
+            return f"{name} is not one row per position (shape {shape})"
+        batch = (1, x_shape[0])
+        if (len(shape) == 4 and (shape[1] != 1 or shape[0] not in batch)) or (
+            len(shape) == 3 and shape[0] != 1
+        ):
+            return f"{name} is not one row per position shared by every head (shape {shape})"
     cos_angles, sin_angles = _angles(site.cos, "Cos"), _angles(site.sin, "Sin")
     if cos_angles is None or sin_angles is None:
         return "cos/sin are not Cos/Sin of Concat(θ, θ) (the two halves may differ)"
@@ -101,6 +104,14 @@ def check(site: Site, shapes: Shapes) -> str | None:
     if any(len(node.outputs[0].uses()) != 1 or node.outputs[0].is_graph_output() for node in inner):
         return "an intermediate value has another consumer"
     return None
+
+
+def shared_by_rows(site: Site, shapes: Shapes) -> bool:
+    """Whether cos/sin are one table for every batch row: seen so on a verification batch of
+    several rows. Otherwise (one row per batch row, as where position ids are an input, or a
+    one-row batch that cannot tell) the fusion indexes them per row."""
+    cos, x = shapes(site.cos), shapes(site.x)
+    return cos is not None and x is not None and (len(cos) < len(x) or cos[0] == 1) and x[0] > 1
 
 
 def _slice(node: ir.Node, last_axis: int, shapes: Shapes) -> tuple[int, int] | None:

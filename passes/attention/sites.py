@@ -63,6 +63,7 @@ class Site:
     scale: float = 1.0
     biases: list[BiasTerm] = dataclasses.field(default_factory=list)
     chain: list[ir.Node] = dataclasses.field(default_factory=list)  # nodes the fusion replaces
+    guarded: bool = False  # Where(IsNaN(p), 0, p) below the Softmax: a fully masked row gives 0
 
     @property
     def name(self) -> str:
@@ -216,6 +217,7 @@ def _read_probabilities(site: Site) -> None:
             site.fail("Softmax output has another consumer")
             return
         site.chain.extend([isnan, guard])
+        site.guarded = True
         probs = guard.outputs[0]
         uses = [user for user, _ in probs.uses()]
     if len(uses) != 1 or probs.is_graph_output():

@@ -79,15 +79,16 @@ def test_q_and_k_share_one_cos_sin_cache():
     assert max_diff(model, fused, _two_feeds(batch=3, seq=9)) < 1e-5
 
 
-def test_one_row_verification_batch_is_refused_with_its_reason():
-    tx_pass, fused = run_pass(FuseRotary, rope_block(), context_feeds=rope_feeds(batch=1))
-    assert "RotaryEmbedding" not in op_types(fused)
+def test_a_one_row_verification_batch_indexes_the_angles_per_row():
+    """One row cannot tell shared angles from per-row ones: the per-row form is exact for both."""
+    model = rope_block(shared_angles=False)
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=rope_feeds(batch=1, shared_angles=False))
     (site,) = tx_pass.details["sites"]
-    assert (site["rule"], site["status"], site["op"]) == ("rotary-embedding", "unfused", None)
-    assert (
-        site["reason"]
-        == "the verification batch has one row: cannot tell that cos/sin are shared by all rows"
-    )
+    assert (site["rule"], site["status"], site["op"]) == ("rotary-embedding", "fused", "RotaryEmbedding")
+    assert max_diff(model, fused, rope_feeds(batch=3, seq=7, shared_angles=False)) < 1e-5
+    shared = rope_block()
+    _, fused = run_pass(FuseRotary, shared, context_feeds=rope_feeds(batch=1))
+    assert max_diff(shared, fused, rope_feeds(batch=3, seq=7)) < 1e-5
 
 
 def test_partial_rotary_reason_names_the_slices():

@@ -17,15 +17,25 @@ pytestmark = pytest.mark.slow
 OTHER_DIMS = {"batch": 3, "seq": 9}
 
 
+CACHE = [f"{i}.{kind}" for i in range(2) for kind in ("key", "value")]
+DECODER_INPUTS = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{c}" for c in CACHE)]
+DECODER_OUTPUTS = ["logits", *(f"present.{c}" for c in CACHE)]
+
+
 @pytest.mark.parametrize(
-    ("name", "output"), [("bert", "last_hidden_state"), ("gpt2", "logits"), ("llama", "logits")]
+    ("name", "inputs", "outputs"),
+    [
+        ("bert", ["input_ids", "attention_mask"], ["last_hidden_state"]),
+        ("gpt2", DECODER_INPUTS, DECODER_OUTPUTS),  # causal LMs: one graph for prefill and decode
+        ("llama", DECODER_INPUTS, DECODER_OUTPUTS),
+    ],
 )
-def test_core_families_export_with_dynamo(name, output):
+def test_core_families_export_with_dynamo(name, inputs, outputs):
     folder = HF_DATA / name
     model = load_model_spec(str(folder))
     assert model.warnings == [f"no weights in {folder}: random init (seed 0)"]
-    assert model.input_names == ["input_ids", "attention_mask"]
-    assert model.output_names == [output]
+    assert model.input_names == inputs
+    assert model.output_names == outputs
     result = export_onnx(model)
     assert result.exporter == "dynamo" and result.fallback_reason is None, result.fallback_reason
     assert result.max_diff < 1e-4

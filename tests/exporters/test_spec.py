@@ -129,7 +129,10 @@ def test_infer_spec_rules():
     ("spec", "message"),
     [
         ("", "empty model spec"),
-        ("tiny-gpt9", "tiny-gpt9: unknown model (built-ins: tiny-bert, tiny-llama, tiny-vit"),
+        (
+            "tiny-gpt9",
+            "tiny-gpt9: unknown model (built-ins: tiny-bert, tiny-llama, tiny-llama-decoder, tiny-vit",
+        ),
         ("model.onnx", "model.onnx: already an ONNX model; use `txcompile optimize model.onnx` instead"),
         ("./no/such/folder", "./no/such/folder: no such folder (models are never downloaded"),
         ("bert-base-uncased/", "bert-base-uncased/: no such folder"),

@@ -95,20 +95,45 @@ def test_question_answering_matches_transformers(folders, compiled):
 
 
 def test_image_and_generation_tasks_match_transformers(folders, compiled):
+    """Image logits, and a text-generation graph's prefill (an empty past): the logits of the
+    last position and a present per layer holding every position's keys."""
     rng = np.random.default_rng(0)
-    for task, feeds in (
-        ("image-classification", {"pixel_values": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)}),
+    ids = rng.integers(0, 1000, (2, 7))
+    config = _reference("text-generation", folders["text-generation"])[0].config
+    head_dim = config.n_embd // config.n_head
+    empty = np.zeros((2, config.n_head, 0, head_dim), np.float32)
+    prefill = {
+        "input_ids": ids,
+        "attention_mask": np.ones((2, 7), np.int64),
+        "position_ids": np.tile(np.arange(7), (2, 1)),
+    }
+    prefill |= {
+        f"past_key_values.{i}.{kind}": empty for i in range(config.n_layer) for kind in ("key", "value")
+    }
+    for task, feeds, last in (
         (
-            "text-generation",
-            {"input_ids": rng.integers(0, 1000, (2, 7)), "attention_mask": np.ones((2, 7), np.int64)},
+            "image-classification",
+            {"pixel_values": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)},
+            False,
         ),
+        ("text-generation", prefill, True),
     ):
         loaded = txcompile.load(compiled[task])
         assert loaded.task == task and not loaded.has_tokenizer
         model, _ = _reference(task, folders[task])
+        torch_feeds = {
+            k: torch.from_numpy(v)
+            for k, v in feeds.items()
+            if k in ("pixel_values", "input_ids", "attention_mask")
+        }
         with torch.no_grad():
-            expected = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
-        np.testing.assert_allclose(loaded(**feeds)["logits"], expected, atol=1e-4, rtol=0)
+            expected = model(**torch_feeds).logits.numpy()
+        outputs = loaded(**feeds)
+        np.testing.assert_allclose(
+            outputs["logits"], expected[:, -1:] if last else expected, atol=1e-4, rtol=0
+        )
+        if last:
+            assert outputs["present.0.key"].shape == (2, config.n_head, 7, head_dim)
 
 
 @pytest.mark.parametrize("pooling", ["mean_tokens", "cls_token", "max_tokens", "mean_sqrt_len_tokens"])

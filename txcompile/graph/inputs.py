@@ -18,9 +18,10 @@ import onnx
 from txcompile.graph.errors import TxError, one_line
 
 METADATA_KEY = "txcompile.inputs"
-DEFAULT_DIMS = {"batch": 2, "seq": 16}
 MAX_DRAWN_ELEMENTS = 2**28  # 1 GiB of float32 per input: larger ones are a typo or a hostile shape
 KINDS = ("ids", "mask", "positions", "normal", "uniform")
+PAST_DIM, TOTAL_DIM = "past_seq", "total_seq"  # a decoder's cached length; the mask's past + seq
+DEFAULT_DIMS = {"batch": 2, "seq": 16, PAST_DIM: 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +29,9 @@ class InputSpec:
     """One graph input: dtype, shape (ints or symbolic names) and the kind of values it takes.
 
     kinds: ``ids`` integers in [low, high); ``mask`` 1s then 0s (padding at the end of every
-    row but the first); ``positions`` 0..seq-1 per row; ``normal`` N(0, 1); ``uniform`` in
-    [low, high].
+    row but the first; at the start for a mask over ``total_seq``); ``positions``
+    past_seq..past_seq+seq-1 per row; ``normal`` N(0, 1); ``uniform`` in [low, high]. The
+    axis name ``total_seq`` is always past_seq + seq.
     """
 
     name: str
@@ -79,10 +81,13 @@ def _is_bound(value) -> bool:
 
 def concrete_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
     """Resolve symbolic dims by name; unnamed ones become batch (axis 0) or seq (others)."""
+    dims = {PAST_DIM: DEFAULT_DIMS[PAST_DIM], **dims}
     shape = []
     for axis, dim in enumerate(spec.shape):
         if isinstance(dim, int) and dim > 0:
             shape.append(dim)
+        elif dim == TOTAL_DIM:
+            shape.append(int(dims[PAST_DIM]) + int(dims.get("seq", DEFAULT_DIMS["seq"])))
         elif isinstance(dim, str) and dim in dims:
             shape.append(int(dims[dim]))
         else:
@@ -108,9 +113,10 @@ def make_feeds(
         if spec.kind == "ids":
             value = rng.integers(int(spec.low), int(spec.high), size=shape)
         elif spec.kind == "mask":
-            value = _padding_mask(shape)
+            value = _padding_mask(shape, left=spec.shape[-1] == TOTAL_DIM)
         elif spec.kind == "positions":
-            value = np.broadcast_to(np.arange(shape[-1]), shape).copy()
+            past = int(dims[PAST_DIM]) if TOTAL_DIM in _names(specs) else 0
+            value = np.broadcast_to(np.arange(past, past + shape[-1]), shape).copy()
         elif spec.kind == "uniform":
             value = rng.uniform(spec.low, spec.high, size=shape)
         else:
@@ -119,11 +125,20 @@ def make_feeds(
     return feeds
 
 
-def _padding_mask(shape: tuple[int, ...]) -> np.ndarray:
+def _names(specs: list[InputSpec]) -> set:
+    return {dim for spec in specs for dim in spec.shape if isinstance(dim, str)}
+
+
+def _padding_mask(shape: tuple[int, ...], left: bool = False) -> np.ndarray:
+    """1s with about a quarter of every row after the first padded: at the end, or at the start
+    (``left``) for a decoder's mask over past and new tokens, as generate pads prompts."""
     mask = np.ones(shape, dtype=np.int64)
     if len(shape) == 2 and shape[1] > 1:
         pad = max(1, shape[1] // 4)
-        mask[1:, shape[1] - pad :] = 0
+        if left:
+            mask[1:, :pad] = 0
+        else:
+            mask[1:, shape[1] - pad :] = 0
     return mask
 
 

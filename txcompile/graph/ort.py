@@ -25,6 +25,7 @@ from txcompile.graph.errors import TxError, one_line
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 PADDED_OUTPUTS_KEY = "txcompile.padded_outputs"
+PRESENT = re.compile(r"present\.\d+\.(key|value)")  # a decoder's cache outputs
 
 # also for events after import, where onnxruntime was imported before txcompile
 ort.disable_telemetry_events()
@@ -149,11 +150,16 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[
 
 
 def padded_rows(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
-    """Outputs the model leaves zero at padded tokens (remove-padding records them): output
-    position → the [B, S] mask of real tokens, so comparisons skip what padding makes up."""
+    """Outputs whose values at padded tokens mean nothing, so comparisons skip them: output
+    position → the [B, S] mask of real tokens. Those the model leaves zero at padded tokens
+    (remove-padding records them), and a decoder's ``present.*`` cache, [B, heads, total_seq,
+    D] over the same positions as its attention mask (→ a [B, 1, total_seq] mask): a padding
+    token's keys are never attended to, and exporters disagree on what a query that sees no
+    key at all computes."""
+    rows = _present_rows(model, feeds)
     record = {p.key: p.value for p in model.metadata_props}.get(PADDED_OUTPUTS_KEY)
     if not record:
-        return {}
+        return rows
     try:
         record = json.loads(record)
         if not (
@@ -168,9 +174,17 @@ def padded_rows(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict
     except (ValueError, RecursionError) as err:
         raise TxError(f"the model's {PADDED_OUTPUTS_KEY} metadata is unreadable: {one_line(err)}") from None
     if record["mask"] not in feeds:
-        return {}
+        return rows
     keep = np.asarray(feeds[record["mask"]]) != 0
-    return {position: keep for position in record["outputs"]}
+    return rows | {position: keep for position in record["outputs"]}
+
+
+def _present_rows(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+    mask = feeds.get("attention_mask")
+    if mask is None or np.ndim(mask) != 2:
+        return {}
+    keep = (np.asarray(mask) != 0)[:, None, :]
+    return {i: keep for i, out in enumerate(model.graph.output) if PRESENT.fullmatch(out.name)}
 
 
 def max_abs_diff(
@@ -188,7 +202,11 @@ def max_abs_diff(
         if x.shape != y.shape:
             return float("inf")
         keep = (real_rows or {}).get(position)
-        if keep is not None and x.shape[:2] == keep.shape:
+        if keep is not None and np.isnan(x).any() != np.isnan(y).any():
+            return float("inf")  # NaN only on one side, even at padding, would reach real tokens later
+        if keep is not None and keep.ndim == 3 and x.ndim == 4 and x.shape[::2] == keep.shape[::2]:
+            x, y = np.moveaxis(x, 2, 1)[keep[:, 0]], np.moveaxis(y, 2, 1)[keep[:, 0]]  # a KV cache
+        elif keep is not None and x.shape[:2] == keep.shape:
             x, y = x[keep], y[keep]
         elif keep is not None and x.ndim and x.shape[0] == keep.size:  # flattened [B·S, ...]
             x, y = x[keep.reshape(-1)], y[keep.reshape(-1)]

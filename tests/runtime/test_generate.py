@@ -1,0 +1,173 @@
+"""Generation with the KV cache: greedy ids equal to transformers' generate for every decoder
+family (batch of two prompts of different lengths), every attention site fused, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from txcompile import api
+from txcompile.graph.errors import TxError
+from txcompile.runtime.generate import Generator, Sampling
+
+from .decoders import DECODERS, decoder_folder, torch_greedy, transformers_greedy
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [12, 99, 3]]
+NEW_TOKENS = 32
+NO_ROTARY = {"GPT2LMHeadModel", "OPTForCausalLM"}  # learned positions
+
+
+def _compiled(tmp_path, architecture: str, exporter: str = "auto"):
+    folder = decoder_folder(tmp_path, architecture)
+    torch_model, exported, dims = api.export(folder, exporter=exporter)
+    result = api.compile_exported(torch_model, exported, api.settings(dims=dims))
+    return folder, result, result.save(tmp_path / "decoder.onnx")
+
+
+def _check_fused(report: dict, architecture: str) -> None:
+    records = {r["name"]: r for r in report["passes"]}
+    attention = records["fuse-attention"]["details"]
+    assert (attention["fused"], attention["unfused"]) == (2, 0), attention["sites"]
+    rotary = records["fuse-rotary"]["details"]
+    if architecture in NO_ROTARY:
+        assert rotary["sites"] == []
+    else:
+        assert (rotary["fused"], rotary["unfused"]) == (4, 0), rotary["sites"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", list(DECODERS))
+def test_greedy_ids_match_transformers(tmp_path, architecture):
+    folder, result, path = _compiled(tmp_path, architecture)
+    assert result.passed is True
+    _check_fused(result.report, architecture)
+    steps = result.report["verification"]["decode_steps"]  # prefill, then present fed back as past
+    assert steps["steps"] == 3 and steps["max_diff"] < 1e-4
+    generator = Generator(path)
+    generated = generator.generate(PROMPTS, NEW_TOKENS, eos_ids=[])
+    expected = transformers_greedy(folder, PROMPTS, NEW_TOKENS, generator.settings.pad_id)
+    assert generated.ids == expected
+    assert generated.stopped == "max_new_tokens" and generated.decode_tokens == 2 * (NEW_TOKENS - 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_the_torchscript_export_generates_the_same(tmp_path, architecture):
+    folder, result, path = _compiled(tmp_path, architecture, exporter="torchscript")
+    assert result.export.exporter == "torchscript" and result.passed is True
+    _check_fused(result.report, architecture)
+    generated = Generator(path).generate(PROMPTS, NEW_TOKENS, eos_ids=[])
+    assert generated.ids == transformers_greedy(folder, PROMPTS, NEW_TOKENS, 1)
+
+
+def test_the_built_in_decoder_generates_what_its_torch_loop_does(tmp_path):
+    """tiny-llama with --task text-generation is the built-in decoder with a cache."""
+    torch_model = api._exporters().load_model_spec("tiny-llama", task="text-generation")
+    assert torch_model.source == "tiny-llama-decoder"
+    result = api.compile("tiny-llama-decoder")
+    assert result.passed is True
+    _check_fused(result.report, "LlamaForCausalLM")
+    generated = Generator(result.save(tmp_path / "tiny.onnx")).generate(PROMPTS, 16)
+    assert generated.ids == torch_greedy(torch_model, PROMPTS, 16)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    return _compiled(root, "LlamaForCausalLM")[2]
+
+
+def test_sampling_is_seeded_and_stays_in_the_top_k(llama):
+    generator = Generator(llama)
+    first = generator.generate(PROMPTS, 8, sampling=Sampling(temperature=0.7, top_k=5, seed=3), eos_ids=[])
+    again = generator.generate(PROMPTS, 8, sampling=Sampling(temperature=0.7, top_k=5, seed=3), eos_ids=[])
+    other = generator.generate(PROMPTS, 8, sampling=Sampling(temperature=0.7, top_k=5, seed=4), eos_ids=[])
+    assert first.ids == again.ids and first.ids != other.ids
+    one = generator.generate(PROMPTS, 8, sampling=Sampling(top_k=1, seed=9), eos_ids=[])
+    assert one.ids == generator.generate(PROMPTS, 8, eos_ids=[]).ids  # top-1 sampling is greedy
+
+
+def test_rows_stop_at_their_end_of_text_id(llama):
+    generator = Generator(llama)
+    greedy = generator.generate(PROMPTS, 12, eos_ids=[])
+    eos = greedy.ids[0][3]
+    stopped = generator.generate(PROMPTS, 12, eos_ids=[eos])
+    assert stopped.ids[0] == greedy.ids[0][: greedy.ids[0].index(eos) + 1]
+    if eos not in greedy.ids[1]:
+        assert stopped.ids[1] == greedy.ids[1]
+
+
+def test_bad_prompts_are_refused(llama):
+    generator = Generator(llama)
+    assert generator.settings.max_positions == 2048 and generator.vocab == 300
+    with pytest.raises(TxError, match="leaves no room: the model has 2048 positions"):
+        generator.generate([[3] * 2048])
+    with pytest.raises(TxError, match=r"prompt ids must lie in \[0, 300\); got 300"):
+        generator.generate([[1, 300]])
+    with pytest.raises(TxError, match="every prompt needs at least one token id"):
+        generator.generate([[1], []])
+    with pytest.raises(TxError, match="saved without a tokenizer"):
+        generator.generate_text(["hello"])
+    with pytest.raises(TxError, match="top-p"):
+        Sampling(top_p=0)
+
+
+def test_a_graph_without_past_inputs_is_refused(tmp_path):
+    path = api.compile("tiny-bert", verify=False).save(tmp_path / "bert.onnx")
+    with pytest.raises(TxError, match="no past_key_values inputs; export it with --task text-generation"):
+        Generator(path)
+
+
+def test_generate_cli_prints_ids_and_timings(llama):
+    command = [
+        sys.executable,
+        "-m",
+        "txcompile",
+        "generate",
+        str(llama),
+        "--prompt-ids",
+        "5,17,33",
+        "--prompt-ids",
+        "12",
+        "--max-new-tokens",
+        "6",
+        "--eos-id",
+        "299",
+        "--json",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    expected = Generator(llama).generate([[5, 17, 33], [12]], 6, eos_ids=[299])
+    assert printed["ids"] == expected.ids and len(printed["ids"][0]) == 6
+    assert printed["prefill_ms"] > 0 and printed["decode_tokens"] == 10
+    bad = subprocess.run([*command[:5], "--prompt", "hello"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "saved without a tokenizer" in bad.stderr
+    sampled = subprocess.run(
+        [*command, "--greedy", "--top-k", "3"], capture_output=True, text=True, timeout=120
+    )
+    assert sampled.returncode == 2 and "--greedy" in sampled.stderr
+
+
+def test_the_step_check_feeds_each_side_its_own_present(llama):
+    """A graph whose logits are right but whose cache is off shows only from the second step."""
+    from txcompile.graph import inputs, modelio
+    from txcompile.graph import ort as rt
+    from txcompile.runtime.generate import compare_steps
+
+    session = rt.create_session(llama)
+    specs = inputs.read_specs(modelio.load_model(llama))
+
+    def run(feeds):
+        return rt.run(session, feeds)
+
+    def stale_cache(feeds):
+        return {k: v * 1.01 if k.startswith("present.") else v for k, v in run(feeds).items()}
+
+    assert compare_steps(run, run, specs) == 0.0
+    assert compare_steps(stale_cache, run, specs, steps=1) > 1e-3
