@@ -268,7 +268,7 @@ def tiny_llama_decoder() -> TorchModel:
     outputs = ["logits", *(name.replace("past_key_values", "present") for name in names)]
     settings = task_metadata.Generation(eos_ids=(), pad_id=0, max_positions=MAX_POSITIONS)
     metadata = {task_metadata.TASK_KEY: "text-generation", task_metadata.GENERATION_KEY: settings.to_json()}
-    dims = {"batch": 2, "seq": 16, PAST_DIM: 4}
+    dims = {"batch": 2, "seq": 16, PAST_DIM: 0}
     return TorchModel(
         TinyLlamaWithPast(module).eval(), inputs, outputs, "tiny-llama-decoder", dims, [], metadata
     )

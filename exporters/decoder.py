@@ -22,7 +22,7 @@ from txcompile.graph.inputs import PAST_DIM, TOTAL_DIM, InputSpec, make_feeds
 
 from .quiet import captured, one_line
 
-EXAMPLE_PAST = 4  # a past long enough that no exporter treats its length as the constant 0 or 1
+EXAMPLE_PAST = 4  # traced with this past, so no exporter treats its length as the constant 0 or 1
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers' name for it, newest first
 
 
@@ -84,7 +84,7 @@ def with_past(model: nn.Module, inputs: list[InputSpec], dims: dict[str, int], s
         specs.append(InputSpec("position_ids", "int64", ("batch", "seq"), "positions"))
     wrapper = CausalLMWithPast(model, [s.name for s in specs], len(shapes), cache_argument(model, source))
     outputs = ["logits", *present_names(len(shapes))]
-    return wrapper.eval(), specs + past_specs(shapes), outputs, {**dims, PAST_DIM: EXAMPLE_PAST}
+    return wrapper.eval(), specs + past_specs(shapes), outputs, {**dims, PAST_DIM: 0}
 
 
 def generation(model: nn.Module, max_positions: int | None) -> task_metadata.Generation:

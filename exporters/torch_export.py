@@ -22,9 +22,10 @@ import onnx
 import torch
 
 from txcompile.graph.errors import TxError
-from txcompile.graph.inputs import InputSpec, concrete_shape, make_feeds, write_specs
+from txcompile.graph.inputs import PAST_DIM, InputSpec, concrete_shape, make_feeds, write_specs
 from txcompile.graph.ort import create_session, max_abs_diff, padded_rows, run
 
+from .decoder import EXAMPLE_PAST
 from .model import TorchModel, flatten_outputs
 from .quiet import captured, one_line
 
@@ -69,12 +70,14 @@ def export_onnx(
         raise TxError(f"unknown exporter {exporter!r}: choose {', '.join(EXPORTERS)}")
     start = time.perf_counter()
     dims = model.resolved_dims(dims)
-    args = model.example_args(dims)
+    args = model.example_args(_tracing_dims(model, dims))
     try:
         with torch.no_grad():
             model.module(*args)
     except Exception as err:
         raise TxError(f"{model.source}: forward fails on example inputs: {one_line(err)}") from err
+    if not dynamic and any(PAST_DIM in spec.shape for spec in model.inputs):
+        raise TxError(f"{model.source}: a decoder with a KV cache grows by a token a step; drop --static")
     specs = model.inputs if dynamic else [_static(spec, dims) for spec in model.inputs]
     attempts = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     failures: dict[str, str] = {}
@@ -338,6 +341,14 @@ def _tracer_warnings(log: str) -> list[str]:
             if sentence not in found:
                 found.append(sentence)
     return found
+
+
+def _tracing_dims(model: TorchModel, dims: dict[str, int]) -> dict[str, int]:
+    """The example sizes torch traces at: a decoder's past of at least EXAMPLE_PAST, so that no
+    exporter takes its length for the constant 0 or 1 (it is verified at its own size after)."""
+    if not any(PAST_DIM in spec.shape for spec in model.inputs):
+        return dims
+    return {**dims, PAST_DIM: max(EXAMPLE_PAST, dims.get(PAST_DIM, 0))}
 
 
 def _static(spec: InputSpec, dims: Mapping[str, int]) -> InputSpec:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,10 +24,9 @@ import onnxruntime as ort
 from txcompile.graph import modelio, task_metadata
 from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError, one_line
-from txcompile.graph.inputs import PAST_DIM, make_feeds
+from txcompile.graph.inputs import PAST_DIM, PAST_INPUT, make_feeds
 from txcompile.runtime.text import tokenizer_from_json
 
-PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -121,7 +119,7 @@ class Generator:
     def _past_inputs(self, inputs: dict) -> list[_Past]:
         found = {}
         for name, arg in inputs.items():
-            match = PAST.fullmatch(name)
+            match = PAST_INPUT.fullmatch(name)
             if match is None:
                 continue
             output = f"present.{match[1]}.{match[2]}"
@@ -298,6 +296,6 @@ def compare_steps(
             side["input_ids"], side["attention_mask"] = token, mask
             if "position_ids" in side:
                 side["position_ids"] = side["position_ids"][:, -1:] + 1
-            for name in [n for n in side if PAST.fullmatch(n)]:
+            for name in [n for n in side if PAST_INPUT.fullmatch(n)]:
                 side[name] = np.asarray(outputs[name.replace("past_key_values", "present")])
     return worst

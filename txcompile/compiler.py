@@ -135,7 +135,7 @@ def _verification(final, result: PipelineResult, feeds, settings: Settings, devi
 
 
 def _is_decoder(model: onnx.ModelProto) -> bool:
-    return any(rgenerate.PAST.fullmatch(v.name) for v in model.graph.input) and any(
+    return any(model_inputs.PAST_INPUT.fullmatch(v.name) for v in model.graph.input) and any(
         rt.PRESENT.fullmatch(v.name) for v in model.graph.output
     )
 

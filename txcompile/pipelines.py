@@ -22,6 +22,7 @@ from txcompile.passes.polynomial.depth import HeDepth
 from txcompile.passes.polynomial.rewrite import PolynomialForm
 from txcompile.passes.sparsity import Prune, SparseMatMul, SparsityReport
 from txcompile.passes.targets.kernel_check import KernelCheck
+from txcompile.passes.targets.pack_matmuls import PackMatMuls
 from txcompile.passes.targets.precision import Precision
 from txcompile.passes.targets.quantize import Quantize
 
@@ -49,14 +50,16 @@ PASSES: dict[str, type[TxPass]] = {
         PolynomialForm,
         CheckContract,
         HeDepth,
+        PackMatMuls,
         Quantize,
         Precision,
         KernelCheck,
     )
 }
 
-# --precision picks what quantize / precision do (each is a no-op otherwise); kernel-check is last.
-TARGET_FIT = ["quantize", "precision", "kernel-check"]
+# pack-matmuls packs sibling products (exact) before quantize / precision, which --precision picks
+# (each is a no-op otherwise); kernel-check is last.
+TARGET_FIT = ["pack-matmuls", "quantize", "precision", "kernel-check"]
 
 CLEANUP = ["fold-constants", "simplify-shapes", "remove-identity", "eliminate-cse", "remove-unused"]
 NORMS = ["fold-batchnorm", "fuse-norms"]  # exact; fold-norm-affine and preln-to-rmsnorm are opt-in

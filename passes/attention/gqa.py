@@ -53,6 +53,36 @@ def _axes_are(unsqueeze: ir.Node, axes: list[int]) -> bool:
     return attribute is not None and list(attribute) == axes
 
 
+def cached(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """(past, new) when ``value`` is Concat(past, new) along the sequence axis of [B, KV, L, D]
+    with ``past`` a graph input: a decoder's KV cache (the Concat's output is its present)."""
+    concat = value.producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
+        return None
+    if concat.attributes.get_int("axis", 0) not in (2, -2):
+        return None
+    past, new = concat.inputs
+    if past is None or past.producer() is not None or past.const_value is not None:
+        return None
+    return past, new
+
+
+def causal_reason(site: Site, seq: int, keys: int, values: Mapping[str, np.ndarray]) -> str | None:
+    """None when the site's mask blocks every key after the query's own position (counting
+    the past: query i is at keys − seq + i), as GroupQueryAttention's own causal mask does;
+    what else it blocks (padding, a sliding window) goes in as the op's attention bias."""
+    if not site.biases:
+        return "no causal mask"
+    if any(term.value.name not in values for term in site.biases):
+        return "mask could not be evaluated"
+    total = np.asarray(sum(term.added(values[term.value.name]) for term in site.biases))
+    if total.ndim > 4 or total.shape[-2:] != (seq, keys):
+        return f"mask of shape {total.shape} is not [.., {seq}, {keys}]"
+    allowed = total > BLOCKED
+    causal = np.tril(np.ones((seq, keys), bool), keys - seq)
+    return None if not np.any(allowed & ~causal) else "mask lets a query see keys after it (not causal)"
+
+
 def padding_input(feeds: Mapping[str, np.ndarray]) -> tuple[str | None, str | None]:
     """(name of the 2-D attention-mask input or None, reason it cannot be used)."""
     masks = [name for name, value in feeds.items() if value.ndim == 2 and "mask" in name.lower()]

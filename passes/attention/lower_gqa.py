@@ -16,6 +16,7 @@ import onnx_ir as ir
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.passes.attention import gqa
+from txcompile.passes.attention.bias import AttentionBias, zero_unattended_rows
 from txcompile.passes.attention.lowering import Lowering
 from txcompile.passes.attention.output import attach_output, bsh
 from txcompile.passes.attention.read import AttentionState, Reading, merged_heads
@@ -51,10 +52,15 @@ class GroupQueryAttention(Lowering):
     note = "not GroupQueryAttention"
 
     def refuse(self, reading: Reading, state: AttentionState) -> str | None:
+        if _cache_plan(reading, state) is not None:
+            return None
         plan = gqa_plan(reading, state)
         return plan if isinstance(plan, str) else None
 
     def build(self, model: ir.Model, reading: Reading, state: AttentionState, b: GraphBuilder) -> None:
+        if _cache_plan(reading, state) is not None:
+            _build_with_cache(model, reading, state, b)
+            return
         key, value, kv_heads = gqa_plan(reading, state)
         site, layout, shapes = reading.site, reading.layout, state.shapes
         kv_layout = dataclasses.replace(layout, heads=kv_heads)
@@ -68,6 +74,56 @@ class GroupQueryAttention(Lowering):
         inputs = [query, key, value, None, None, seqlens, total]
         output = b.ops("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, outputs=3)[0]
         attach_output(reading, output, shapes, b, merged=True)
+
+
+def _cache_plan(reading: Reading, state: AttentionState):
+    """((past K, new K), (past V, new V), KV heads) when the site attends over a KV cache —
+    K and V are Concat(past input, new) before any head repeat — and its mask is causal."""
+    site, layout = reading.site, reading.layout
+    key = reading.key_bnsh
+    if key is None:
+        return None
+    dims = (layout.batch, layout.heads, layout.keys, layout.head_dim)
+    key, kv_heads = gqa.unrepeated(key, *dims, state.shapes)
+    value, value_heads = gqa.unrepeated(site.value, *dims, state.shapes)
+    keys, values = gqa.cached(key), gqa.cached(value)
+    if keys is None or values is None or kv_heads != value_heads:
+        return None
+    if gqa.causal_reason(site, layout.seq, layout.keys, state.mask_values) is not None:
+        return None
+    return (key, *keys), (value, *values), kv_heads
+
+
+def _build_with_cache(model: ir.Model, reading: Reading, state: AttentionState, b: GraphBuilder) -> None:
+    """GroupQueryAttention appending the new K/V to the past itself: its present outputs take
+    the place (and the names) of the graph's Concat. Every row counts all total_seq positions
+    (seqlens_k = total − 1, left padding included) and the site's own mask goes in as the
+    attention bias, so padding anywhere and sliding windows stay exact; when the present is bound
+    to the past's buffer (a generate loop's preallocated cache) the op writes into it in place."""
+    (present_key, past_key, new_key), (present_value, past_value, new_value), kv_heads = _cache_plan(
+        reading, state
+    )
+    site, layout = reading.site, reading.layout
+    hidden = kv_heads * layout.head_dim
+    query = reading.query_bsh if reading.query_bsh is not None else bsh(site.query, layout.hidden, b)
+    query_length = b.op("Shape", query, start=1, end=2)
+    past_length = b.op("Shape", past_key, start=2, end=3)
+    key_length = b.op("Add", past_length, query_length)
+    bias = AttentionBias().build(reading, state, b, query_length, key_length)
+    int32 = ir.DataType.INT32
+    total = b.op("Cast", b.op("Squeeze", key_length), to=int32)
+    batch = b.op("Shape", query, start=0, end=1)
+    seqlens = b.op("Expand", b.op("Sub", total, b.const(np.array(1, np.int32))), batch)
+    inputs = [query, bsh(new_key, hidden, b), bsh(new_value, hidden, b), past_key, past_value, seqlens, total]
+    inputs += [None, None, None, bias]
+    attributes = {"num_heads": layout.heads, "kv_num_heads": kv_heads, "scale": float(site.scale)}
+    output, key_out, value_out = b.ops("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, outputs=3)
+    output = zero_unattended_rows(reading, state, b, bias, output)
+    attach_output(reading, output, state.shapes, b, merged=True)
+    for old, new in ((present_key, key_out), (present_value, value_out)):
+        name = old.name
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        old.name, new.name = f"{name}_concat", name
 
 
 def _lengths(model: ir.Model, key: ir.Value, state: AttentionState, b: GraphBuilder):

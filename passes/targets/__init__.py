@@ -2,6 +2,8 @@
 
 Passes and the rules they apply (rule names as in ``rule_counts`` and node metadata):
 
+- ``pack-matmuls`` (:class:`PackMatMuls`): ``pack-matmuls`` (sibling MatMuls over one input
+  and constant weights → one MatMul and a Split);
 - ``quantize`` (:class:`Quantize`): ``int8-matmul`` (:class:`Int8MatMulRule`, one per
   MatMul/Gemm, after the whole-model plan of scales and fp32 exclusions), ``int4-matmul``
   (onnxruntime's MatMulNBits quantizer), ``kept-fp32``;
@@ -12,10 +14,11 @@ Passes and the rules they apply (rule names as in ``rule_counts`` and node metad
 
 from .int8_rule import Int8MatMulRule
 from .kernel_check import KernelCheck
+from .pack_matmuls import PackMatMuls, PackSiblingMatMuls
 from .precision import Precision
 from .quantize import Quantize
 
-PASSES = (Quantize, Precision, KernelCheck)
-RULES = {rule.name: rule for rule in (Int8MatMulRule,)}
+PASSES = (PackMatMuls, Quantize, Precision, KernelCheck)
+RULES = {rule.name: rule for rule in (PackSiblingMatMuls, Int8MatMulRule)}
 
-__all__ = ["PASSES", "RULES", "Int8MatMulRule", "KernelCheck", "Precision", "Quantize"]
+__all__ = ["PASSES", "RULES", "Int8MatMulRule", "KernelCheck", "PackMatMuls", "Precision", "Quantize"]

@@ -96,7 +96,8 @@ class Quantize(TxPass):
             plan = None
 
             def build(exclude):
-                return quantize_int4(own_weights(_copy(original)), exclude, self.context.device)
+                weights = gemms_as_matmuls(own_weights(_copy(original)))
+                return quantize_int4(weights, exclude, self.context.device)
 
         excluded: list[str] = []
         ranking: list[tuple[str, float]] = []
@@ -104,13 +105,16 @@ class Quantize(TxPass):
         if self.min_cosine is not None and reference is not None and score["cosine"] < self.min_cosine:
             ranking = plan.sensitivity() if plan else int4_sensitivity(original, candidates, feeds)
             excluded, quantized, score = self._fewest_fp32(build, ranking, reference)
-        if len(candidates) > len(excluded):
-            self.rule_counts[f"{self.precision}-matmul"] = len(candidates) - len(excluded)
+        done = len(candidates) - len(excluded)
+        if plan is None:  # int4: what the quantizer converted, not what it was offered
+            done = sum(n.op_type == "MatMulNBits" for n in quantized.graph.node)
+        if done:
+            self.rule_counts[f"{self.precision}-matmul"] = done
         if excluded:
             self.rule_counts["kept-fp32"] = len(excluded)
         self.details = {
             "precision": self.precision,
-            "quantized": len(candidates) - len(excluded),
+            "quantized": done,
             "kept_fp32": excluded,
             "min_cosine": self.min_cosine,
             **score,
@@ -259,6 +263,58 @@ def quantize_int4(proto: onnx.ModelProto, exclude: list[str], device: str) -> on
     )
     quantizer.process()
     return quantizer.model.model
+
+
+def gemms_as_matmuls(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Gemm(A, W, c) with a constant W (alpha = beta = 1, A not transposed) as MatMul(A, W)
+    + c, and MatMul(A, Transpose(W)) as MatMul(A, Wᵀ), in place: the int4 quantizer takes
+    MatMuls of constant weights only (GPT-2's Conv1D exports as Gemm; its tied LM head reads
+    the embedding table through a Transpose). The MatMul keeps the Gemm's name, so exclusions
+    by name still apply."""
+    weights = {t.name: t for t in proto.graph.initializer}
+    transposed = {
+        node.output[0]: node.input[0]
+        for node in proto.graph.node
+        if node.op_type == "Transpose"
+        and node.input[0] in weights
+        and len(weights[node.input[0]].dims) == 2
+        and [a.ints for a in node.attribute if a.name == "perm"] in ([], [[1, 0]])
+    }
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in transposed:
+            source = transposed[node.input[1]]
+            array = onnx.numpy_helper.to_array(weights[source]).T
+            copy = f"{source}_transposed_{len(proto.graph.initializer)}"
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), copy))
+            node.input[1] = copy
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        plain = (
+            attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        )
+        if (
+            node.op_type != "Gemm"
+            or node.domain not in ("", "ai.onnx")
+            or not plain
+            or node.input[1] not in weights
+        ):
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            array = onnx.numpy_helper.to_array(weights[weight]).T
+            weight = f"{weight}_transposed"
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), weight))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}_product" if bias else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name))
+        if bias:
+            nodes.append(
+                onnx.helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}_bias")
+            )
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
 
 
 def quantizable_matmuls(proto: onnx.ModelProto) -> list[str]:

@@ -1,5 +1,6 @@
 """Decode speed with a KV cache: txcompile against onnxruntime-genai's model builder and Optimum.
 
+txcompile compiles with ``--attention-op gqa`` (GroupQueryAttention appending to the cache).
 Batch 1, a prompt of 128 random token ids, 128 greedy new tokens, 2 threads, random weights:
 a ~120M LLaMA-style config (hidden 768, 12 layers, 12 query / 4 KV heads) and GPT-2 small
 (which the builder cannot build). Every candidate generates the same way — prefill, then one
@@ -184,7 +185,7 @@ def build(args, root: Path, name: str) -> dict[str, tuple[str, str]]:
     for precision in ("fp32", "int8", "int4"):
         out = root / f"{name}-txcompile-{precision}.onnx"
         if not out.is_file():
-            flags = [] if precision == "fp32" else ["--precision", precision]
+            flags = ["--attention-op", "gqa"] + ([] if precision == "fp32" else ["--precision", precision])
             _check([tx, "-m", "txcompile", "compile", str(folder), "-o", str(out), *flags], "txcompile")
         candidates[f"txcompile {precision}"] = (tx, str(out))
     if args.genai_python and name != "gpt2-small":  # the builder has no GPT-2

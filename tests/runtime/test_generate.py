@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from txcompile import api
+from txcompile.graph import modelio
 from txcompile.graph.errors import TxError
 from txcompile.runtime.generate import Generator, Sampling
 
@@ -22,10 +23,10 @@ NEW_TOKENS = 32
 NO_ROTARY = {"GPT2LMHeadModel", "OPTForCausalLM"}  # learned positions
 
 
-def _compiled(tmp_path, architecture: str, exporter: str = "auto"):
+def _compiled(tmp_path, architecture: str, exporter: str = "auto", **options):
     folder = decoder_folder(tmp_path, architecture)
     torch_model, exported, dims = api.export(folder, exporter=exporter)
-    result = api.compile_exported(torch_model, exported, api.settings(dims=dims))
+    result = api.compile_exported(torch_model, exported, api.settings(dims=dims, **options))
     return folder, result, result.save(tmp_path / "decoder.onnx")
 
 
@@ -53,6 +54,25 @@ def test_greedy_ids_match_transformers(tmp_path, architecture):
     expected = transformers_greedy(folder, PROMPTS, NEW_TOKENS, generator.settings.pad_id)
     assert generated.ids == expected
     assert generated.stopped == "max_new_tokens" and generated.decode_tokens == 2 * (NEW_TOKENS - 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel"])
+def test_group_query_attention_over_the_cache_generates_the_same(tmp_path, architecture):
+    """--attention-op gqa: GroupQueryAttention appends to the past itself (its presents are the
+    graph's outputs) and takes the site's mask as its bias: left padding and Mistral's window
+    stay exact."""
+    folder, result, path = _compiled(tmp_path, architecture, attention_op="gqa")
+    assert result.passed is True
+    sites = next(r for r in result.report["passes"] if r["name"] == "fuse-attention")["details"]["sites"]
+    assert [s["op"] for s in sites] == ["com.microsoft.GroupQueryAttention"] * 2
+    model = modelio.load_model(path)
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert {producers[o.name] for o in model.graph.output if o.name.startswith("present.")} == {
+        "GroupQueryAttention"
+    }
+    generated = Generator(path).generate(PROMPTS, NEW_TOKENS, eos_ids=[])
+    assert generated.ids == transformers_greedy(folder, PROMPTS, NEW_TOKENS, 1)
 
 
 @pytest.mark.slow
@@ -171,3 +191,58 @@ def test_the_step_check_feeds_each_side_its_own_present(llama):
 
     assert compare_steps(run, run, specs) == 0.0
     assert compare_steps(stale_cache, run, specs, steps=1) > 1e-3
+
+
+@pytest.mark.slow
+def test_int8_and_int4_graphs_generate(tmp_path):
+    """Quantized decoders keep the cache I/O and generate; on random weights the first token (from
+    the prefill) still agrees with fp32, and the report measures the drift over the decode steps."""
+    folder = decoder_folder(tmp_path, "LlamaForCausalLM")
+    fp32 = Generator(api.compile(folder).save(tmp_path / "fp32.onnx")).generate(PROMPTS, 16, eos_ids=[])
+    for precision, rule, op in (
+        ("int8", "int8-matmul", "MatMulInteger"),
+        ("int4", "int4-matmul", "MatMulNBits"),
+    ):
+        result = api.compile(folder, precision=precision)
+        quantize = next(r for r in result.report["passes"] if r["name"] == "quantize")
+        assert (
+            quantize["status"] == "applied" and quantize["rule_counts"][rule] == 9
+        )  # q/k/v and gate/up packed: 4 products a layer, and the LM head
+        assert result.report["ops"]["after"].get(op, 0) + result.report["ops"]["after"].get(
+            f"com.microsoft.{op}", 0
+        )
+        assert result.report["verification"]["decode_steps"]["max_diff"] < 0.5
+        generated = Generator(result.save(tmp_path / f"{precision}.onnx")).generate(PROMPTS, 16, eos_ids=[])
+        assert [len(ids) for ids in generated.ids] == [16, 16]
+        assert [ids[0] for ids in generated.ids] == [ids[0] for ids in fp32.ids]
+
+
+def test_a_decoder_without_recorded_inputs_gets_fitting_ones(llama):
+    """A with-past graph from another exporter records no specs: the inferred ones still fit
+    together (cache over past_seq, mask over past_seq + seq), so optimize can verify it."""
+    from txcompile.graph import inputs, modelio
+    from txcompile.graph import ort as rt
+
+    model = modelio.load_model(llama)
+    del model.metadata_props[:]
+    specs = {s.name: s for s in inputs.read_specs(model)}
+    assert specs["attention_mask"].shape == ("batch", "total_seq")
+    assert specs["past_key_values.0.key"].shape == ("batch", 2, "past_seq", 16)
+    feeds = inputs.make_feeds(list(specs.values()), {"batch": 2, "seq": 5, "past_seq": 3})
+    outputs = rt.run(rt.create_session(model), feeds)
+    assert outputs["present.0.key"].shape == (2, 2, 8, 16)
+
+
+@pytest.mark.slow
+def test_int4_takes_gpt2s_gemms_and_its_tied_head(tmp_path):
+    """GPT-2 exports its projections as Gemm and reads the LM head through a Transpose of the
+    embedding table: int4 turns all nine products (four per layer, the head) into MatMulNBits,
+    and the report counts what was converted, not what was offered."""
+    folder = decoder_folder(tmp_path, "GPT2LMHeadModel")
+    result = api.compile(folder, precision="int4")
+    ops = result.report["ops"]["after"]
+    assert ops.get("com.microsoft.MatMulNBits") == 9 and "Gemm" not in ops and "MatMul" not in ops
+    quantize = next(r for r in result.report["passes"] if r["name"] == "quantize")
+    assert quantize["rule_counts"]["int4-matmul"] == quantize["details"]["quantized"] == 9
+    generated = Generator(result.save(tmp_path / "gpt2-int4.onnx")).generate(PROMPTS, 8, eos_ids=[])
+    assert [len(ids) for ids in generated.ids] == [8, 8]

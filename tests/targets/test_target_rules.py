@@ -10,7 +10,14 @@ from onnx import TensorProto, helper, numpy_helper
 from txcompile.graph import ort as rt
 from txcompile.passes.base import PassContext
 from txcompile.passes.rules import apply_rule
-from txcompile.passes.targets import RULES, Int8MatMulRule, KernelCheck, Quantize, int8_matmul
+from txcompile.passes.targets import (
+    RULES,
+    Int8MatMulRule,
+    KernelCheck,
+    PackSiblingMatMuls,
+    Quantize,
+    int8_matmul,
+)
 from txcompile.passes.targets.int8_rule import KEPT_FP32, Int8State, Tally
 from txcompile.passes.targets.quantize import cosine
 
@@ -31,7 +38,7 @@ def _ops(model) -> list[str]:
 
 
 def test_the_family_lists_its_rules():
-    assert RULES == {"int8-matmul": Int8MatMulRule}
+    assert RULES == {"pack-matmuls": PackSiblingMatMuls, "int8-matmul": Int8MatMulRule}
 
 
 def test_int8_matmul_rewrites_each_product_and_records_it():

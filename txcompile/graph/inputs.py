@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -21,7 +22,8 @@ METADATA_KEY = "txcompile.inputs"
 MAX_DRAWN_ELEMENTS = 2**28  # 1 GiB of float32 per input: larger ones are a typo or a hostile shape
 KINDS = ("ids", "mask", "positions", "normal", "uniform")
 PAST_DIM, TOTAL_DIM = "past_seq", "total_seq"  # a decoder's cached length; the mask's past + seq
-DEFAULT_DIMS = {"batch": 2, "seq": 16, PAST_DIM: 4}
+DEFAULT_DIMS = {"batch": 2, "seq": 16, PAST_DIM: 0}  # a decoder is verified on a prefill
+PAST_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +168,24 @@ def read_specs(model: onnx.ModelProto) -> list[InputSpec]:
             raise TxError(f"the model's {METADATA_KEY} metadata is unreadable: {err}") from None
         if sorted(s.name for s in specs) == sorted(i.name for i in graph_inputs):
             return specs
-    return [_infer_spec(model, value) for value in graph_inputs]
+    specs = [_infer_spec(model, value) for value in graph_inputs]
+    return _with_past_dims(specs) if any(PAST_INPUT.fullmatch(s.name) for s in specs) else specs
+
+
+def _with_past_dims(specs: list[InputSpec]) -> list[InputSpec]:
+    """A decoder exported elsewhere (Optimum, a model builder) names its axes its own way: its
+    cache inputs take past_seq, its mask past_seq + seq, so drawn inputs fit together."""
+    fixed = []
+    for spec in specs:
+        shape = list(spec.shape)
+        if PAST_INPUT.fullmatch(spec.name) and len(shape) == 4:
+            shape = ["batch", shape[1], PAST_DIM, shape[3]]
+        elif spec.kind == "mask" and len(shape) == 2:
+            shape = ["batch", TOTAL_DIM]
+        elif len(shape) == 2 and spec.kind in ("ids", "positions"):
+            shape = ["batch", "seq"]
+        fixed.append(dataclasses.replace(spec, shape=tuple(shape)))
+    return fixed
 
 
 def load_npz(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
