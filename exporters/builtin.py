@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from txcompile.graph import task_metadata
 from txcompile.graph.inputs import PAST_DIM, TOTAL_DIM, InputSpec
 
+from . import decoder
 from .model import TorchModel
 
 VOCAB = 1000
@@ -258,14 +259,13 @@ def tiny_llama_decoder() -> TorchModel:
     module = TinyLlama()
     _perturb_norms(module)
     layers, kv_heads, head_dim = LAYERS, 2, HIDDEN // HEADS
-    names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     inputs = [
         InputSpec("input_ids", "int64", ("batch", "seq"), "ids", 0, VOCAB),
         InputSpec("attention_mask", "int64", ("batch", TOTAL_DIM), "mask"),
         InputSpec("position_ids", "int64", ("batch", "seq"), "positions"),
-        *(InputSpec(name, "float32", ("batch", kv_heads, PAST_DIM, head_dim), "normal") for name in names),
+        *decoder.past_specs([(kv_heads, head_dim)] * layers),
     ]
-    outputs = ["logits", *(name.replace("past_key_values", "present") for name in names)]
+    outputs = ["logits", *decoder.present_names(layers)]
     settings = task_metadata.Generation(eos_ids=(), pad_id=0, max_positions=MAX_POSITIONS)
     metadata = {task_metadata.TASK_KEY: "text-generation", task_metadata.GENERATION_KEY: settings.to_json()}
     dims = {"batch": 2, "seq": 16, PAST_DIM: 0}

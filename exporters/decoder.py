@@ -118,6 +118,6 @@ class CausalLMWithPast(nn.Module):
         out = self.model(
             **feeds, **{self.cache_arg: cache}, use_cache=True, return_dict=True, logits_to_keep=1
         )
-        present = out[next(k for k in (*CACHE_ARGUMENTS, "past_key_values") if k in out)]
+        present = out[next(k for k in CACHE_ARGUMENTS if k in out)]
         flat = [t for layer in present.layers for t in (layer.keys, layer.values)]
         return (out["logits"], *flat)
