@@ -103,18 +103,19 @@ def _build_with_cache(model: ir.Model, reading: Reading, state: AttentionState, 
     (present_key, past_key, new_key), (present_value, past_value, new_value), kv_heads = _cache_plan(
         reading, state
     )
-    site, layout = reading.site, reading.layout
-    hidden = kv_heads * layout.head_dim
+    site, layout, shapes = reading.site, reading.layout, state.shapes
+    kv_layout = dataclasses.replace(layout, heads=kv_heads)
     query = reading.query_bsh if reading.query_bsh is not None else bsh(site.query, layout.hidden, b)
+    new_key, new_value = (
+        merged_heads(v, (0, 2, 1, 3), layout.seq, kv_layout, shapes) or bsh(v, kv_layout.hidden, b)
+        for v in (new_key, new_value)
+    )
     query_length = b.op("Shape", query, start=1, end=2)
     past_length = b.op("Shape", past_key, start=2, end=3)
     key_length = b.op("Add", past_length, query_length)
     bias = AttentionBias().build(reading, state, b, query_length, key_length)
-    int32 = ir.DataType.INT32
-    total = b.op("Cast", b.op("Squeeze", key_length), to=int32)
-    batch = b.op("Shape", query, start=0, end=1)
-    seqlens = b.op("Expand", b.op("Sub", total, b.const(np.array(1, np.int32))), batch)
-    inputs = [query, bsh(new_key, hidden, b), bsh(new_value, hidden, b), past_key, past_value, seqlens, total]
+    seqlens, total = _cache_lengths(state, b, bias, query, key_length)
+    inputs = [query, new_key, new_value, past_key, past_value, seqlens, total]
     inputs += [None, None, None, bias]
     attributes = {"num_heads": layout.heads, "kv_num_heads": kv_heads, "scale": float(site.scale)}
     output, key_out, value_out = b.ops("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, outputs=3)
@@ -124,6 +125,21 @@ def _build_with_cache(model: ir.Model, reading: Reading, state: AttentionState, 
         name = old.name
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         old.name, new.name = f"{name}_concat", name
+
+
+def _cache_lengths(state: AttentionState, b: GraphBuilder, bias, query: ir.Value, key_length: ir.Value):
+    """(seqlens_k [B] = total − 1 for every row, total_sequence_length) as int32. Sites sharing
+    one bias share them: the bias is [B|1, 1, S, total] for all of them, so its first site's
+    lengths are theirs too."""
+    key = ("cache-lengths", id(bias))
+    if bias is not None and key in state.lengths_cache:
+        return state.lengths_cache[key]
+    total = b.op("Cast", b.op("Squeeze", key_length), to=ir.DataType.INT32)
+    batch = b.op("Shape", query, start=0, end=1)
+    seqlens = b.op("Expand", b.op("Sub", total, b.const(np.array(1, np.int32))), batch)
+    if bias is not None:
+        state.lengths_cache[key] = (seqlens, total)
+    return seqlens, total
 
 
 def _lengths(model: ir.Model, key: ir.Value, state: AttentionState, b: GraphBuilder):

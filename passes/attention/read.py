@@ -72,7 +72,7 @@ class AttentionState:
     padding: str | None = None  # the 2-D attention-mask input GroupQueryAttention reads
     padding_reason: str | None = None
     bias_cache: dict[tuple, ir.Value] = dataclasses.field(default_factory=dict)
-    lengths_cache: dict[str, tuple[ir.Value, ir.Value]] = dataclasses.field(default_factory=dict)
+    lengths_cache: dict[object, tuple[ir.Value, ir.Value]] = dataclasses.field(default_factory=dict)
     readings: dict[int, Reading | None] = dataclasses.field(default_factory=dict)
     lowerings: tuple = ()  # the lowering rules to try, in order (fusion.lowerings)
 
@@ -131,12 +131,15 @@ def untransposed_key(key_t: ir.Value, layout: Layout, shapes: Shapes) -> ir.Valu
 def neighbourhood(site: Site) -> list[ir.Value]:
     """The values whose shapes reading may ask for (probed in one ORT run for all sites)."""
     values = [site.query, site.key_t, site.value, *(t.value for t in site.biases)]
-    for start in (site.query, site.key_t, site.value):
-        value = start
-        for _ in range(6):
+    starts = [site.query, site.key_t, site.value]
+    while starts:
+        value = starts.pop()
+        for _ in range(10):  # sdpa decompositions put ~8 ops between Kᵀ and the cache
             producer = value.producer() if value is not None else None
             if producer is None or not producer.inputs:
                 break
+            if producer.op_type == "Concat" and len(producer.inputs) == 2:
+                starts.append(producer.inputs[1])  # the new K/V a cache appends to the past
             value = producer.inputs[0]
             values.extend([value, producer.outputs[0]])
     if site.pv is not None:

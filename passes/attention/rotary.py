@@ -73,19 +73,55 @@ class RotaryRule(Rule):
                 positions = _row_positions(build, site.cos, site.x)
             state.caches[key] = (cos, sin, positions)
         cos_cache, sin_cache, offset = state.caches[key]
+        heads, head_dim = x_shape[1], x_shape[-1]
+        merged = head_split_source(site.x, state.shapes)
         rotated = build.op(
             "RotaryEmbedding",
-            site.x,
+            site.x if merged is None else merged,
             offset,
             cos_cache,
             sin_cache,
             domain=MS_DOMAIN,
             interleaved=0,
-            num_heads=x_shape[1],
+            num_heads=heads,
         )
+        if merged is not None:  # split the heads after the op, where the attention can skip it
+            split = build.op("Reshape", rotated, build.const(np.array([0, 0, heads, head_dim], np.int64)))
+            rotated = build.op("Transpose", split, perm=[0, 2, 1, 3])
         nodes = build.commit()
         ir.convenience.replace_all_uses_with(site.add.outputs[0], rotated)
         return Rewrite("RotaryEmbedding", nodes)
+
+
+def head_split_source(x: ir.Value, shapes: Shapes) -> ir.Value | None:
+    """x3 [B, S, N·D] when x [B, N, S, D] is Transpose(0, 2, 1, 3)(Reshape(x3)), the exporters'
+    head split: RotaryEmbedding then rotates x3 itself (it takes [B, S, N·D] with num_heads), and
+    a fused attention reading the rotated value as [B, S, hidden] needs no head merge."""
+    transpose = x.producer()
+    if transpose is None or transpose.op_type != "Transpose" or transpose.domain not in ("", "ai.onnx"):
+        return None
+    order = transpose.attributes.get_ints("perm")
+    reshape = transpose.inputs[0].producer()
+    if order is None or tuple(order) != (0, 2, 1, 3) or reshape is None or reshape.op_type != "Reshape":
+        return None
+    source, split, shape = reshape.inputs[0], shapes(reshape.outputs[0]), shapes(x)
+    if shape is None or len(shape) != 4 or split is None:
+        return None
+    batch, heads, seq, head_dim = shape
+    if split != (batch, seq, heads, head_dim) or shapes(source) != (batch, seq, heads * head_dim):
+        return None
+    return source
+
+
+def head_split_values(x: ir.Value) -> list[ir.Value]:
+    """The values head_split_source reads the shapes of."""
+    transpose = x.producer()
+    if transpose is None or transpose.op_type != "Transpose":
+        return []
+    reshape = transpose.inputs[0].producer()
+    if reshape is None or reshape.op_type != "Reshape":
+        return []
+    return [reshape.inputs[0], reshape.outputs[0]]
 
 
 def _row_positions(build: GraphBuilder, cos: ir.Value, x: ir.Value) -> ir.Value:
@@ -106,7 +142,11 @@ class FuseRotary(RulePass):
 
     def prepare(self, model: ir.Model) -> RotaryState:
         sites = [site for node in model.graph if (site := match(node)) is not None]
-        values = [v for s in sites for v in (s.x, s.cos, s.sin, *(n.outputs[0] for n in s.half_slices))]
+        values = [
+            v
+            for s in sites
+            for v in (s.x, s.cos, s.sin, *(n.outputs[0] for n in s.half_slices), *head_split_values(s.x))
+        ]
         return RotaryState(sites, Shapes(probe_shapes(model, values, self.context.feeds) if sites else {}))
 
     def finish(self, model: ir.Model, state: RotaryState, records: list[SiteRecord]) -> None:

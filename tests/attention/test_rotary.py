@@ -110,3 +110,33 @@ def test_shared_intermediate_is_not_fused():
     tx_pass, fused = run_pass(FuseRotary, rope_block(extra_output=True), context_feeds=rope_feeds())
     assert "RotaryEmbedding" not in op_types(fused)
     assert _reasons(tx_pass) == ["an intermediate value has another consumer"]
+
+
+def test_head_split_input_is_rotated_before_the_split():
+    """x = Transpose(Reshape(x3 [B, S, N·D])): RotaryEmbedding takes x3 itself (num_heads set) and
+    the heads are split after it, so a fused attention reads the rotated [B, S, hidden] directly."""
+    model = rope_block()
+    shape = helper.make_tensor("heads", TensorProto.INT64, [4], [0, 0, HEADS, HEAD_DIM])
+    split = [
+        helper.make_node("Reshape", ["x3", "heads"], ["x4"]),
+        helper.make_node("Transpose", ["x4"], ["x"], perm=[0, 2, 1, 3]),
+    ]
+    graph = model.graph
+    graph.initializer.append(shape)
+    nodes = [*split, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input[0].CopyFrom(
+        helper.make_tensor_value_info("x3", TensorProto.FLOAT, ["batch", "seq", HEADS * HEAD_DIM])
+    )
+    model = checked_model(graph)
+
+    def split_feeds(batch, seq):
+        feeds = rope_feeds(batch, seq)
+        return {"x3": feeds.pop("x").transpose(0, 2, 1, 3).reshape(batch, seq, -1), **feeds}
+
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=split_feeds(2, 5))
+    (rotary,) = [n for n in fused.graph.node if n.op_type == "RotaryEmbedding"]
+    assert rotary.input[0] == "x3"
+    assert {a.name: a.i for a in rotary.attribute}["num_heads"] == HEADS
+    assert max_diff(model, fused, split_feeds(3, 7)) < 1e-5

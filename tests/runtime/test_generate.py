@@ -71,6 +71,12 @@ def test_group_query_attention_over_the_cache_generates_the_same(tmp_path, archi
     assert {producers[o.name] for o in model.graph.output if o.name.startswith("present.")} == {
         "GroupQueryAttention"
     }
+    # Q, K and V reach the op as [B, S, hidden] straight from the projections (rotated there
+    # when the model has rotary embeddings): no head split and merge around it
+    reads = {
+        producers.get(i) for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in n.input[:3]
+    }
+    assert reads <= {"Split", "RotaryEmbedding", "MatMul", "Gemm", "Add"}, reads
     generated = Generator(path).generate(PROMPTS, NEW_TOKENS, eos_ids=[])
     assert generated.ids == transformers_greedy(folder, PROMPTS, NEW_TOKENS, 1)
 
