@@ -131,7 +131,7 @@ def _cache_lengths(state: AttentionState, b: GraphBuilder, bias, query: ir.Value
     """(seqlens_k [B] = total − 1 for every row, total_sequence_length) as int32. Sites sharing
     one bias share them: the bias is [B|1, 1, S, total] for all of them, so its first site's
     lengths are theirs too."""
-    key = ("cache-lengths", id(bias))
+    key = ("cache-lengths", bias)
     if bias is not None and key in state.lengths_cache:
         return state.lengths_cache[key]
     total = b.op("Cast", b.op("Squeeze", key_length), to=ir.DataType.INT32)

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.graph.probe import Shapes, probe_shapes
+from txcompile.passes.attention.read import Layout, merged_heads, perm
 from txcompile.passes.attention.rotary_sites import Site, check, match, shared_by_rows
 from txcompile.passes.rules import Rewrite, Rule, RulePass, SiteRecord
 
@@ -97,28 +98,17 @@ def head_split_source(x: ir.Value, shapes: Shapes) -> ir.Value | None:
     """x3 [B, S, N·D] when x [B, N, S, D] is Transpose(0, 2, 1, 3)(Reshape(x3)), the exporters'
     head split: RotaryEmbedding then rotates x3 itself (it takes [B, S, N·D] with num_heads), and
     a fused attention reading the rotated value as [B, S, hidden] needs no head merge."""
-    transpose = x.producer()
-    if transpose is None or transpose.op_type != "Transpose" or transpose.domain not in ("", "ai.onnx"):
-        return None
-    order = transpose.attributes.get_ints("perm")
-    reshape = transpose.inputs[0].producer()
-    if order is None or tuple(order) != (0, 2, 1, 3) or reshape is None or reshape.op_type != "Reshape":
-        return None
-    source, split, shape = reshape.inputs[0], shapes(reshape.outputs[0]), shapes(x)
-    if shape is None or len(shape) != 4 or split is None:
+    shape = shapes(x)
+    if shape is None or len(shape) != 4:
         return None
     batch, heads, seq, head_dim = shape
-    if split != (batch, seq, heads, head_dim) or shapes(source) != (batch, seq, heads * head_dim):
-        return None
-    return source
+    return merged_heads(x, (0, 2, 1, 3), seq, Layout(batch, heads, seq, seq, head_dim), shapes)
 
 
 def head_split_values(x: ir.Value) -> list[ir.Value]:
     """The values head_split_source reads the shapes of."""
     transpose = x.producer()
-    if transpose is None or transpose.op_type != "Transpose":
-        return []
-    reshape = transpose.inputs[0].producer()
+    reshape = transpose.inputs[0].producer() if perm(transpose) is not None else None
     if reshape is None or reshape.op_type != "Reshape":
         return []
     return [reshape.inputs[0], reshape.outputs[0]]
