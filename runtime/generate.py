@@ -4,9 +4,11 @@ Prompts of different lengths are left-padded (the last position of every row is 
 token, and the graph returns the logits of the last position only); position ids count the
 real tokens, as transformers' ``generate`` does, so greedy ids match it exactly. Each step's
 ``present.*`` outputs stay ONNX Runtime values bound as the next step's ``past_key_values.*``
-(I/O binding): the cache is never copied into numpy and back. A row that has produced an
-end-of-text id is padded from then on; the loop ends when every row has, or after
-``max_new_tokens``, or when the sequence reaches the model's last position.
+(I/O binding): the cache is never copied into numpy and back. Where every cache input feeds
+GroupQueryAttention alone (``--attention-op gqa``), one buffer of the whole sequence's length
+is bound as both past and present, and the op appends to it in place: no per-step copy at all.
+A row that has produced an end-of-text id is padded from then on; the loop ends when every row
+has, or after ``max_new_tokens``, or when the sequence reaches the model's last position.
 :func:`compare_steps` checks a compiled decoder the way it is used: prefill, then decode steps.
 """
 
@@ -89,6 +91,7 @@ class Generator:
         device: str = "cpu",
         threads: int | None = None,
         tokenizer: str | os.PathLike | None = None,
+        share_cache: bool = True,
     ):
         model, self.files = modelio.load_model_and_files(path, weights=False)
         self.path, self.device = str(path), device
@@ -115,6 +118,7 @@ class Generator:
             raise TxError(f"{self.path}: takes {', '.join(sorted(unknown))}, which generate does not give")
         vocab = self.session.get_outputs()[self.outputs.index("logits")].shape[-1]
         self.vocab = vocab if isinstance(vocab, int) else None
+        self.shares_cache = share_cache and _appends_in_place(model, self.past)
 
     def _past_inputs(self, inputs: dict) -> list[_Past]:
         found = {}
@@ -161,13 +165,14 @@ class Generator:
             ids[row, longest - len(prompt) :] = prompt
             mask[row, longest - len(prompt) :] = 1
         rng = np.random.default_rng(sampling.seed if sampling else 0)
-        past = [self._empty(p, batch) for p in self.past]
+        past = [self._empty(p, batch, longest + steps if self.shares_cache else 0) for p in self.past]
+        binding = self._shared_binding(past) if self.shares_cache else None
         new = np.zeros((batch, 0), np.int64)
         done = np.zeros(batch, bool)
         prefill = decode = 0.0
         for step in range(steps):
             start = time.perf_counter()
-            logits, past = self._step(ids, mask, past)
+            logits, past = self._step(ids, mask, past, binding)
             choice = _choose(logits[:, -1].astype(np.float32), sampling, rng)
             choice = np.where(done, pad, choice)
             elapsed = time.perf_counter() - start
@@ -214,25 +219,67 @@ class Generator:
         if limit is not None and longest >= limit:
             raise TxError(f"a prompt of {longest} tokens leaves no room: the model has {limit} positions")
 
-    def _empty(self, past: _Past, batch: int) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, past.heads, 0, past.head_dim), past.dtype))
+    def _empty(self, past: _Past, batch: int, length: int) -> ort.OrtValue:
+        zeros = np.zeros((batch, past.heads, length, past.head_dim), past.dtype)
+        if self.device == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(zeros)
+        return ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
 
-    def _step(self, ids: np.ndarray, mask: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+    def _shared_binding(self, past: list[ort.OrtValue]) -> ort.IOBinding:
+        """One binding for a whole generation: each buffer is its layer's past and present at
+        every step, so only the ids, the mask and the positions are bound again."""
         binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # the first output, as _step reads it
+        for spec, value in zip(self.past, past, strict=True):
+            binding.bind_ortvalue_input(spec.input, value)
+            binding.bind_ortvalue_output(spec.output, value)  # appended in place
+        return binding
+
+    def _step(
+        self, ids: np.ndarray, mask: np.ndarray, past: list, shared: ort.IOBinding | None
+    ) -> tuple[np.ndarray, list]:
+        binding = shared or self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("attention_mask", mask)
         if self.takes_positions:
             positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)[:, -ids.shape[1] :]
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
-        for spec, value in zip(self.past, past, strict=True):
-            binding.bind_ortvalue_input(spec.input, value)
-        binding.bind_output("logits", "cpu")
-        for spec in self.past:
-            binding.bind_output(spec.output, self.device)
+        if shared is None:
+            for spec, value in zip(self.past, past, strict=True):
+                binding.bind_ortvalue_input(spec.input, value)
+            binding.bind_output("logits", "cpu")
+            for spec in self.past:
+                binding.bind_output(spec.output, self.device)
         with rt.refusal(self.path):
             self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
+        return outputs[0].numpy(), past if shared else list(outputs[1:])
+
+
+def _appends_in_place(model, past: list[_Past]) -> bool:
+    """Whether one buffer may be a cache input and its present at once: GroupQueryAttention
+    reads it as its past key or value (returning the matching present), and nothing else reads
+    it but Shape nodes that leave out its length (the buffer's length is its capacity)."""
+    readers: dict[str, list[tuple]] = {p.input: [] for p in past}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in readers:
+                readers[name].append((node, index))
+    for spec in past:
+        appends = [n for n, i in readers[spec.input] if n.op_type == "GroupQueryAttention" and i in (3, 4)]
+        others = [n for n, _ in readers[spec.input] if n not in appends]
+        if not appends or any(n.output[list(n.input).index(spec.input) - 2] != spec.output for n in appends):
+            return False
+        if not all(n.op_type == "Shape" and not _reads_length(n) for n in others):
+            return False
+    return True
+
+
+def _reads_length(shape) -> bool:
+    """Whether a Shape node of a 4-D cache includes its length (axis 2)."""
+    bounds = {a.name: a.i for a in shape.attribute}
+    start, end = (b + 4 if b < 0 else b for b in (bounds.get("start", 0), bounds.get("end", 4)))
+    return start <= 2 < end
 
 
 def _tokenizer_file(where: str | os.PathLike):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 from txcompile.graph.errors import TxError
 from txcompile.graph.probe import Shapes, probe_shapes, probe_values
@@ -25,8 +26,9 @@ from txcompile.passes.attention.lower_onnx import OnnxAttention
 from txcompile.passes.attention.lower_packed import PackedAttention, PackedMatMul
 from txcompile.passes.attention.lowering import Lowering
 from txcompile.passes.attention.read import AttentionState, ReadAttention, neighbourhood
+from txcompile.passes.attention.shared_cache import past_length_from_mask
 from txcompile.passes.attention.sites import Site, find_sites
-from txcompile.passes.rules import Rewrite, RulePass
+from txcompile.passes.rules import FUSED, Rewrite, RulePass
 
 # The MultiHeadAttention family, most packed first; the last takes every read site.
 MS_LOWERINGS = (PackedMatMul, PackedAttention, MultiHeadAttentionBsh, MultiHeadAttentionBnsh)
@@ -100,6 +102,15 @@ class FuseAttention(RulePass):
             state.mask_values = probe_values(model, terms, feeds) if terms else {}
             state.padding, state.padding_reason = gqa.padding_input(feeds)
         return state
+
+    def finish(self, model: ir.Model, state: AttentionState, records) -> None:
+        """GroupQueryAttention over the cache: the graph reads the past length from the mask, so
+        that a generate loop may hand it one buffer as past and present."""
+        super().finish(model, state, records)  # the Concats the ops replaced go first
+        if self.options.attention_op == "gqa" and any(r.status == FUSED for r in records):
+            self.details["shared_cache"] = past_length_from_mask(model, state.padding)
+            if self.details["shared_cache"]:
+                common.RemoveUnusedNodesPass()(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)

@@ -61,11 +61,13 @@ def test_greedy_ids_match_transformers(tmp_path, architecture):
 def test_group_query_attention_over_the_cache_generates_the_same(tmp_path, architecture):
     """--attention-op gqa: GroupQueryAttention appends to the past itself (its presents are the
     graph's outputs) and takes the site's mask as its bias: left padding and Mistral's window
-    stay exact."""
+    stay exact. The graph reads the past length from the mask, so generate binds one buffer as
+    past and present; the same ids come out of the loop that passes each present on instead."""
     folder, result, path = _compiled(tmp_path, architecture, attention_op="gqa")
     assert result.passed is True
-    sites = next(r for r in result.report["passes"] if r["name"] == "fuse-attention")["details"]["sites"]
-    assert [s["op"] for s in sites] == ["com.microsoft.GroupQueryAttention"] * 2
+    details = next(r for r in result.report["passes"] if r["name"] == "fuse-attention")["details"]
+    assert [s["op"] for s in details["sites"]] == ["com.microsoft.GroupQueryAttention"] * 2
+    assert details["shared_cache"] is True
     model = modelio.load_model(path)
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     assert {producers[o.name] for o in model.graph.output if o.name.startswith("present.")} == {
@@ -77,8 +79,11 @@ def test_group_query_attention_over_the_cache_generates_the_same(tmp_path, archi
         producers.get(i) for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in n.input[:3]
     }
     assert reads <= {"Split", "RotaryEmbedding", "MatMul", "Gemm", "Add"}, reads
-    generated = Generator(path).generate(PROMPTS, NEW_TOKENS, eos_ids=[])
-    assert generated.ids == transformers_greedy(folder, PROMPTS, NEW_TOKENS, 1)
+    expected = transformers_greedy(folder, PROMPTS, NEW_TOKENS, 1)
+    shared, passed_on = Generator(path), Generator(path, share_cache=False)
+    assert shared.shares_cache and not passed_on.shares_cache
+    assert shared.generate(PROMPTS, NEW_TOKENS, eos_ids=[]).ids == expected
+    assert passed_on.generate(PROMPTS, NEW_TOKENS, eos_ids=[]).ids == expected
 
 
 @pytest.mark.slow
@@ -98,8 +103,24 @@ def test_the_built_in_decoder_generates_what_its_torch_loop_does(tmp_path):
     result = api.compile("tiny-llama-decoder")
     assert result.passed is True
     _check_fused(result.report, "LlamaForCausalLM")
-    generated = Generator(result.save(tmp_path / "tiny.onnx")).generate(PROMPTS, 16)
-    assert generated.ids == torch_greedy(torch_model, PROMPTS, 16)
+    generator = Generator(result.save(tmp_path / "tiny.onnx"))
+    assert not generator.shares_cache  # MultiHeadAttention returns a new present each step
+    assert generator.generate(PROMPTS, 16).ids == torch_greedy(torch_model, PROMPTS, 16)
+
+
+def test_one_shared_cache_buffer_generates_what_passing_presents_on_does(tmp_path):
+    """--attention-op gqa: the built-in decoder's cache is read by GroupQueryAttention alone, so
+    generate appends to one buffer in place; same ids as the loop that passes presents on, and
+    as the torch loop, for prompts of different lengths."""
+    torch_model = api._exporters().load_model_spec("tiny-llama-decoder")
+    result = api.compile("tiny-llama-decoder", attention_op="gqa")
+    details = next(r for r in result.report["passes"] if r["name"] == "fuse-attention")["details"]
+    assert result.passed is True and details["shared_cache"] is True
+    path = result.save(tmp_path / "tiny.onnx")
+    shared, passed_on = Generator(path), Generator(path, share_cache=False)
+    assert shared.shares_cache and not passed_on.shares_cache
+    expected = torch_greedy(torch_model, PROMPTS, 16)
+    assert shared.generate(PROMPTS, 16).ids == passed_on.generate(PROMPTS, 16).ids == expected
 
 
 @pytest.fixture(scope="module")
