@@ -116,8 +116,10 @@ class Generator:
         unknown = set(inputs) - {"input_ids", "attention_mask", "position_ids"} - {p.input for p in self.past}
         if unknown:
             raise TxError(f"{self.path}: takes {', '.join(sorted(unknown))}, which generate does not give")
-        vocab = self.session.get_outputs()[self.outputs.index("logits")].shape[-1]
-        self.vocab = vocab if isinstance(vocab, int) else None
+        logits = self.session.get_outputs()[self.outputs.index("logits")]
+        self.vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+        last_only = len(logits.shape) == 3 and logits.shape[1] == 1 and self.vocab is not None
+        self.logits_type = ELEMENT_TYPES.get(logits.type) if last_only else None
         self.shares_cache = share_cache and _appends_in_place(model, self.past)
 
     def _past_inputs(self, inputs: dict) -> list[_Past]:
@@ -166,7 +168,7 @@ class Generator:
             mask[row, longest - len(prompt) :] = 1
         rng = np.random.default_rng(sampling.seed if sampling else 0)
         past = [self._empty(p, batch, longest + steps if self.shares_cache else 0) for p in self.past]
-        binding = self._shared_binding(past) if self.shares_cache else None
+        binding = self._shared_binding(past, batch) if self.shares_cache else None
         new = np.zeros((batch, 0), np.int64)
         done = np.zeros(batch, bool)
         prefill = decode = 0.0
@@ -225,20 +227,24 @@ class Generator:
             return ort.OrtValue.ortvalue_from_numpy(zeros)
         return ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0)
 
-    def _shared_binding(self, past: list[ort.OrtValue]) -> ort.IOBinding:
+    def _shared_binding(self, past: list[ort.OrtValue], batch: int) -> _Shared:
         """One binding for a whole generation: each buffer is its layer's past and present at
-        every step, so only the ids, the mask and the positions are bound again."""
+        every step, so only the ids, the mask and the positions are bound again; the logits of
+        the last position land in one array too when their shape is known."""
         binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")  # the first output, as _step reads it
+        logits = None
+        if self.logits_type is not None:
+            logits = np.empty((batch, 1, self.vocab), self.logits_type)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        else:
+            binding.bind_output("logits", "cpu")  # the first output, as _step reads it
         for spec, value in zip(self.past, past, strict=True):
             binding.bind_ortvalue_input(spec.input, value)
             binding.bind_ortvalue_output(spec.output, value)  # appended in place
-        return binding
+        return _Shared(binding, logits)
 
-    def _step(
-        self, ids: np.ndarray, mask: np.ndarray, past: list, shared: ort.IOBinding | None
-    ) -> tuple[np.ndarray, list]:
-        binding = shared or self.session.io_binding()
+    def _step(self, ids: np.ndarray, mask: np.ndarray, past: list, shared: _Shared | None) -> tuple:
+        binding = shared.binding if shared else self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("attention_mask", mask)
         if self.takes_positions:
@@ -252,8 +258,17 @@ class Generator:
                 binding.bind_output(spec.output, self.device)
         with rt.refusal(self.path):
             self.session.run_with_iobinding(binding)
+        if shared is not None:
+            logits = shared.logits if shared.logits is not None else binding.get_outputs()[0].numpy()
+            return logits, past
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), past if shared else list(outputs[1:])
+        return outputs[0].numpy(), list(outputs[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+    binding: ort.IOBinding
+    logits: np.ndarray | None  # bound as the logits output, when its shape is [batch, 1, vocab]
 
 
 def _appends_in_place(model, past: list[_Past]) -> bool:

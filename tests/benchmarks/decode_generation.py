@@ -270,6 +270,10 @@ def main() -> None:
             print(f"  round {round_index + 1}/{args.rounds} done", flush=True)
         results[name] = _summary(runs)
         _print(name, results[name])
+        ratios = _ratios(runs)
+        for pair, (median, low, high) in ratios.items():
+            print(f"  {pair}: {median:.3f}x ({low:.3f}–{high:.3f}) decode tok/s, per round")
+        results[name]["ratios"] = {pair: list(values) for pair, values in ratios.items()}
     if args.json:
         Path(args.json).write_text(
             json.dumps({"cpu": _cpu(), "threads": THREADS, "results": results}, indent=2)
@@ -294,6 +298,28 @@ def _summary(runs: dict[str, list[dict]]) -> dict:
             "same_ids": good[0]["ids"] == reference if reference is not None else None,
         }
     return summary
+
+
+# the comparisons the targets name: txcompile first, the peer it has to match or beat second
+RATIOS = (
+    ("txcompile fp32", "genai fp32"),
+    ("txcompile int4", "genai int4"),
+    ("txcompile fp32", "optimum fp32"),
+)
+
+
+def _ratios(runs: dict[str, list[dict]]) -> dict[str, tuple[float, float, float]]:
+    """(median, low, high) of each round's ratio: the candidates of one round ran back to back,
+    so the machine's drift cancels out of their ratio better than out of the medians."""
+    ratios = {}
+    for ours, theirs in RATIOS:
+        pairs = zip(runs.get(ours, []), runs.get(theirs, []), strict=False)
+        values = [
+            a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs if "error" not in a and "error" not in b
+        ]
+        if values:
+            ratios[f"{ours} / {theirs}"] = (statistics.median(values), min(values), max(values))
+    return ratios
 
 
 def _print(name: str, summary: dict) -> None:
