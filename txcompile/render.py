@@ -40,10 +40,19 @@ def pass_rows(report: dict) -> list[list[str]]:
                 change,
                 _rules(record["rule_counts"]),
                 _number(record["max_diff"]),
-                record["reason"] or ("exact" if record["exact"] else "approximate"),
+                record["reason"] or _why_unchanged(record) or ("exact" if record["exact"] else "approximate"),
             ]
         )
     return rows
+
+
+def _why_unchanged(record: dict) -> str | None:
+    """What a pass that changed nothing said about it (its refusal, or its note), so the table
+    does not call a pass that did nothing merely "exact"."""
+    if record["nodes_added"] or record["nodes_removed"]:
+        return None
+    details = record.get("details") or {}
+    return details.get("refused") or details.get("note")
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -1,0 +1,14 @@
+"""The terminal pass table: a pass that changed nothing shows why, not merely "exact"."""
+
+from __future__ import annotations
+
+from txcompile import api, render
+
+
+def test_an_unchanged_pass_shows_its_refusal_or_note():
+    report = api.compile("tiny-llama", passes=["preln-to-rmsnorm", "remove-padding", "fuse-norms"]).report
+    rows = {row[0]: row for row in render.pass_rows(report)}
+    assert rows["preln-to-rmsnorm"][1] == "unchanged"
+    assert rows["preln-to-rmsnorm"][-1].startswith("no LayerNormalization in the graph")
+    assert rows["remove-padding"][-1].startswith("off (--remove-padding")
+    assert rows["fuse-norms"][1] != "unchanged" and rows["fuse-norms"][-1] == "exact"  # it changed the graph
