@@ -178,6 +178,8 @@ def apply_patterns(
             for node in created:
                 node.metadata_props.setdefault(RULE_KEY, label)
             records.extend(SiteRecord(_node_site(n), label, FUSED, op=op_key(n)) for n in _roots(created))
+    if records:  # the rewriter drops the nodes a match replaced, not the constants they read
+        common.RemoveUnusedNodesPass()(model)
     return records
 
 

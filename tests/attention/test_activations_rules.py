@@ -120,6 +120,8 @@ def test_match_is_a_fused_record_and_the_nodes_carry_the_variant(rule):
     first = FIRST_TAG.get(rule, rule)
     assert tag == first or (tag.startswith(f"{first}-") and tag.rpartition("-")[2].isdigit())
     assert max_diff(model, fused, FEEDS) < 1e-4
+    read = {i for n in fused.graph.node for i in n.input}
+    assert [t.name for t in fused.graph.initializer if t.name not in read] == []  # constants go too
 
 
 @pytest.mark.parametrize("rule", CASES)
