@@ -33,6 +33,8 @@ def past_length_from_mask(model: ir.Model, mask_name: str | None) -> bool:
     for cache in caches:
         for use in cache.uses():
             node = use.node
+            if node.graph is not graph:  # read inside a subgraph: left as it is
+                return False
             if node.op_type == "Shape" and node.domain == "":
                 shape_reads.append(node)
             elif node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN and use.idx in (3, 4):
