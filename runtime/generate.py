@@ -27,6 +27,7 @@ from txcompile.graph import modelio, task_metadata
 from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError, one_line
 from txcompile.graph.inputs import PAST_DIM, PAST_INPUT, make_feeds
+from txcompile.graph.nodes import shape_axes
 from txcompile.runtime.text import tokenizer_from_json
 
 ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -293,8 +294,7 @@ def _appends_in_place(model, past: list[_Past]) -> bool:
 def _reads_length(shape) -> bool:
     """Whether a Shape node of a 4-D cache includes its length (axis 2)."""
     bounds = {a.name: a.i for a in shape.attribute}
-    start, end = (b + 4 if b < 0 else b for b in (bounds.get("start", 0), bounds.get("end", 4)))
-    return start <= 2 < end
+    return 2 in shape_axes(bounds.get("start"), bounds.get("end"), 4)
 
 
 def _tokenizer_file(where: str | os.PathLike):

@@ -16,8 +16,7 @@ import onnx_ir as ir
 
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.inputs import PAST_INPUT
-
-MS_DOMAIN = "com.microsoft"
+from txcompile.graph.nodes import MS_DOMAIN, shape_axes
 
 
 def past_length_from_mask(model: ir.Model, mask_name: str | None) -> bool:
@@ -52,20 +51,10 @@ def past_length_from_mask(model: ir.Model, mask_name: str | None) -> bool:
             past_length = b.op("Sub", b.op("Shape", mask, start=1, end=2), b.op("Shape", ids, start=1, end=2))
         cache = node.inputs[0]
         dims = b.op("Concat", b.op("Shape", cache, end=2), past_length, b.op("Shape", cache, start=3), axis=0)
-        start, end = _bounds(node)
-        if (start, end) != (0, 4):
-            dims = b.op(
-                "Slice", dims, b.const(np.array([start], np.int64)), b.const(np.array([end], np.int64))
-            )
+        axes = shape_axes(node.attributes.get_int("start"), node.attributes.get_int("end"), 4)
+        if axes != range(4):
+            start, end = (b.const(np.array([i], np.int64)) for i in (axes.start, axes.stop))
+            dims = b.op("Slice", dims, start, end)
         b.commit()
         node.outputs[0].replace_all_uses_with(dims)
     return True
-
-
-def _bounds(node: ir.Node) -> tuple[int, int]:
-    """Shape's start/end attributes as indices into a 4-D shape (negatives counted from the end)."""
-    bounds = []
-    for name, default in (("start", 0), ("end", 4)):
-        i = node.attributes[name].as_int() if name in node.attributes else default
-        bounds.append(min(max(i + 4 if i < 0 else i, 0), 4))
-    return bounds[0], bounds[1]
