@@ -137,13 +137,14 @@ def compile(
     batch: int | None = None,
     seq: int | None = None,
     opset: int | None = None,
+    exporter: str = "auto",
     **options: Any,
 ) -> Compiled:
     """Export a built-in name, Hugging Face folder or ``file.py:factory`` and optimize it for
     ``target``; ``task`` (a folder's) is inferred when None. Other options are the CLI's flags
     by their Python names (``passes=[...]``, ``sparsity=0.9``, ``verify=False``, …)."""
     dims = _dims(batch, seq)
-    torch_model, result, dims = export(model, task=task, opset=opset, dims=dims)
+    torch_model, result, dims = export(model, task=task, opset=opset, exporter=exporter, dims=dims)
     config = settings(target=target, dims=dims, precision=precision, **options)
     return compile_exported(torch_model, result, config)
 

@@ -40,10 +40,17 @@ def pass_rows(report: dict) -> list[list[str]]:
                 change,
                 _rules(record["rule_counts"]),
                 _number(record["max_diff"]),
-                record["reason"] or _why_unchanged(record) or ("exact" if record["exact"] else "approximate"),
+                record["reason"] or _why_unchanged(record) or _exactness(record),
             ]
         )
     return rows
+
+
+def _exactness(record: dict) -> str:
+    """Exact or approximate, and the opset change a pass made (a user must know the graph's opset moved)."""
+    label = "exact" if record["exact"] else "approximate"
+    opset = (record.get("details") or {}).get("opset")
+    return f"{label}; {opset}" if opset else label
 
 
 def _why_unchanged(record: dict) -> str | None:

@@ -85,9 +85,7 @@ class DecomposedNorm(Rule):
     def rewrite(self, model, site: norm_match.Decomposed, state: NormState):
         graph, name = model.graph, self.site_name(site)
         if opset_raise_problem(model, self.opset) is None:
-            note = raise_opset(model, self.opset)
-            if note:
-                state.notes["opset"] = note
+            state.note_opset(raise_opset(model, self.opset))
         node = self.norm_node(graph, site, name)
         node.name = unique_node_name(graph, node.name)
         copy_type(site.output, node.outputs[0])

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from txcompile.graph.shapes import infer_shapes
 from txcompile.passes.norms.decomposed import LayerNorm, NoOpCast, RmsNorm
+from txcompile.passes.norms.opset import RMS_NORM_OPSET, convert_opset, needs_conversion
 from txcompile.passes.norms.skip import SkipLayerNorm, SkipRmsNorm
 from txcompile.passes.norms.state import NormState
 from txcompile.passes.rules import RulePass
@@ -26,7 +27,22 @@ class FuseNorms(RulePass):
 
     def prepare(self, model: ir.Model) -> NormState:
         infer_shapes(model)
-        return NormState(model)
+        state = NormState(model)
+        if needs_conversion(model, RMS_NORM_OPSET) and self._lone_rms_norms(model):
+            note = convert_opset(model, RMS_NORM_OPSET)
+            if note:  # the graph was replaced
+                infer_shapes(model)
+                state = NormState(model)
+                state.note_opset(note)
+        return state
+
+    @staticmethod
+    def _lone_rms_norms(model: ir.Model) -> bool:
+        """Whether an RMSNorm will not become a Skip norm, so it needs RMSNormalization (opset 23).
+
+        A look ahead only: the rules find the norms again once no-op-cast has run."""
+        rms, (found, _) = RmsNorm(), NormState(model).decomposed()
+        return any(site.kind == rms.kind and not rms.fuse_anyway(site) for site in found)
 
     def finish(self, model, state: NormState, records) -> None:
         super().finish(model, state, records)

@@ -13,7 +13,7 @@ import dataclasses
 import onnx_ir as ir
 
 from txcompile.passes.norms.common import describe, is_op, rank
-from txcompile.passes.norms.opset import RMS_NORM_OPSET, opset_raise_problem
+from txcompile.passes.norms.opset import RMS_NORM_OPSET, needs_conversion, opset_raise_problem
 from txcompile.passes.norms.stream import NotCenterable, Refused, StreamCentering
 from txcompile.passes.norms.writers import WRITERS
 
@@ -64,10 +64,15 @@ def _plan(model: ir.Model, norms: list[ir.Node]) -> Conversion:
                 f"not Pre-LN: {describe(norm)} reads a stream that begins at the output of {first} "
                 "and its own output begins the next one (Post-LN)"
             )
-    problem = centering.outside_reader() or opset_raise_problem(model, RMS_NORM_OPSET)
+    problem = centering.outside_reader() or _opset_problem(model)
     if problem or not starts_seen:
         raise Refused(problem or "no LayerNorm reads a residual stream")
     return plan
+
+
+def _opset_problem(model: ir.Model) -> str | None:
+    """Below opset 18 the graph is converted once the plan is made (preln_rmsnorm.py)."""
+    return None if needs_conversion(model, RMS_NORM_OPSET) else opset_raise_problem(model, RMS_NORM_OPSET)
 
 
 def _check_norm(norm: ir.Node) -> None:

@@ -31,7 +31,13 @@ from txcompile.passes.norms.common import (
 )
 from txcompile.passes.norms.decomposed import LayerNorm
 from txcompile.passes.norms.linear import fold_into_readers, linear_readers
-from txcompile.passes.norms.opset import RMS_NORM_OPSET, raise_opset
+from txcompile.passes.norms.opset import (
+    RMS_NORM_OPSET,
+    convert_opset,
+    needs_conversion,
+    opset_raise_problem,
+    raise_opset,
+)
 from txcompile.passes.norms.preln_plan import Conversion, plan_conversion
 from txcompile.passes.norms.state import NormState
 from txcompile.passes.norms.stream import Edit, Explicit
@@ -46,6 +52,14 @@ class PrelnState(NormState):
     def plan(self) -> Conversion:
         if self._plan is None:
             self._plan = plan_conversion(self.model)
+            if self._plan.refused is None and needs_conversion(self.model, RMS_NORM_OPSET):
+                note = convert_opset(self.model, RMS_NORM_OPSET)
+                if note:  # the graph was replaced: plan it again
+                    infer_shapes(self.model)
+                    self._plan = plan_conversion(self.model)
+                    self.note_opset(note)
+                else:
+                    self._plan.refused = opset_raise_problem(self.model, RMS_NORM_OPSET)
         return self._plan
 
     def centering(self):
@@ -111,9 +125,7 @@ class LayerNormToRmsNorm(Rule):
         return plan.refused or plan.left.get(site)
 
     def rewrite(self, model, norm, state: PrelnState):
-        note = raise_opset(model, RMS_NORM_OPSET)
-        if note:
-            state.notes["opset"] = note
+        state.note_opset(raise_opset(model, RMS_NORM_OPSET))
         graph = model.graph
         x, gamma = norm.inputs[0], norm.inputs[1]
         beta = constant(norm.inputs[2]) if len(norm.inputs) > 2 and norm.inputs[2] is not None else None

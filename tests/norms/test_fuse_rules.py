@@ -6,7 +6,18 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from tests.norms import models
-from tests.norms.test_fuse_norms import CONSTS, D, X, Y, build, fuse, layer_norm_nodes, rms_nodes
+from tests.norms.test_fuse_norms import (
+    CONSTS,
+    D,
+    X,
+    Y,
+    axes_as_attributes,
+    build,
+    fuse,
+    layer_norm_nodes,
+    onnx_opset,
+    rms_nodes,
+)
 
 XS = ["batch", "seq", D]
 
@@ -95,19 +106,55 @@ def test_rms_norm_rule_records_its_site():
     assert next(o.version for o in out.opset_import if o.domain == "") == 23
 
 
-def _axes_as_attribute(nodes):
-    for node in nodes:
-        if node.op_type == "ReduceMean":
-            del node.input[1]
-            node.attribute.append(helper.make_attribute("axes", [-1]))
-    return nodes
+def test_rms_norm_at_opset_17_converts_the_graph_to_opset_23():
+    nodes = axes_as_attributes(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["m"]), *rms_nodes(x="x", out="r")]
+    )
+    nodes.append(helper.make_node("Add", ["r", "m"], ["y"]))  # a ReduceMean the converter must rewrite too
+    out, record = fuse(build(nodes, opset=17))
+    assert record["rule_counts"] == {"rms-norm": 1}
+    assert onnx_opset(out) == 23
+    assert (
+        record["details"]["opset"] == "converted the graph from ONNX opset 17 to 23 (onnx version converter)"
+    )
+    assert models.ops(out) == {
+        "Constant": 1,
+        "ReduceMean": 1,
+        "RMSNormalization": 1,
+        "Add": 1,
+    }  # axes: a Constant
+    reduce_mean = next(n for n in out.graph.node if n.op_type == "ReduceMean")
+    assert len(reduce_mean.input) == 2 and not reduce_mean.attribute  # axes became an input
+    assert record["max_diff"] <= 1e-5
 
 
-def test_rms_norm_below_opset_18_without_a_residual_needs_the_opset():
-    out, record = fuse(build(_axes_as_attribute(rms_nodes()), opset=14))
-    assert record["status"] == "unchanged" and "RMSNormalization" not in models.ops(out)
-    reason = only(record, "rms-norm")["reason"]
-    assert reason == "needs opset 23: opset 14 uses ReduceX axes attributes that opset 18 moved to inputs"
+def test_rms_norm_with_an_op_that_changed_meaning_on_the_way_stays_decomposed():
+    """RoiAlign's default coordinate mode changed at opset 16: the graph stays at opset 14."""
+    roi_align = helper.make_node(
+        "RoiAlign", ["img", "rois", "index"], ["x"], output_height=1, output_width=D, mode="avg"
+    )
+    consts = {**CONSTS, "rois": np.array([[0.0, 0.0, 3.0, 3.0]]), "index": np.array([0])}
+    nodes = [roi_align, *axes_as_attributes(rms_nodes())]
+    model = models.graph_model(nodes, [("img", [1, 2, 4, D])], [("y", [1, 2, 1, D])], consts, 14)
+    out, record = fuse(model)
+    assert record["status"] == "unchanged" and onnx_opset(out) == 14
+    reason = models.unfused(record, "rms-norm")[0]["reason"]
+    assert reason == "needs opset 23: RoiAlign changed meaning after opset 14"
+
+
+def test_rms_norm_read_by_a_residual_add_keeps_opset_17():
+    """A Skip norm (com.microsoft) needs no newer ONNX opset, so the graph is not converted."""
+    nodes = axes_as_attributes(rms_nodes(x="h", out="normed"))
+    nodes = [
+        helper.make_node("Add", ["x", "x2"], ["h"]),
+        *nodes,
+        helper.make_node("MatMul", ["normed", "w2"], ["y"]),
+    ]
+    consts = {**CONSTS, "w2": np.eye(D)}
+    model = models.graph_model(nodes, [*X, ("x2", ["batch", "seq", D])], Y, consts, 17)
+    out, record = fuse(model)
+    assert record["rule_counts"] == {"rms-norm": 1, "skip-rms-norm": 1}
+    assert onnx_opset(out) == 17 and "opset" not in record["details"]
 
 
 def test_rms_norm_whose_square_is_read_elsewhere_is_not_fused():

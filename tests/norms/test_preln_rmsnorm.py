@@ -19,13 +19,14 @@ def _init(name, shape, scale=0.5, offset=0.0):
 
 
 def pre_ln_model(
-    stream_reader: str | None = None, stream_output: bool = False, gelu_stem: bool = False
+    stream_reader: str | None = None, stream_output: bool = False, gelu_stem: bool = False, opset: int = 20
 ) -> onnx.ModelProto:
     """tokens + positions → [LN → MLP → +] → LN; optionally a Relu or a graph output reads the stream.
 
     ``gelu_stem`` puts a Gelu after the token lookup, a write no weight can absorb (as Whisper's
-    conv → Gelu stem).
+    conv → Gelu stem). Below opset 20, which has no Gelu, the MLP's activation is a Relu.
     """
+    activation = "Gelu" if opset >= 20 else "Relu"
     lookup = "tok_raw" if gelu_stem else "tok"
     nodes = [
         helper.make_node("Gather", ["wte", "input_ids"], [lookup]),
@@ -35,7 +36,7 @@ def pre_ln_model(
         helper.make_node("LayerNormalization", ["h0", "g1", "b1"], ["n1"], axis=-1, epsilon=1e-5),
         helper.make_node("MatMul", ["n1", "w1"], ["m1"]),
         helper.make_node("Add", ["m1", "c1"], ["a1"]),
-        helper.make_node("Gelu", ["a1"], ["act"]),
+        helper.make_node(activation, ["a1"], ["act"]),
         helper.make_node("MatMul", ["act", "w2"], ["m2"]),
         helper.make_node("Add", ["m2", "c2"], ["write"]),
         helper.make_node("Add", ["h0", "write"], ["h1"]),
@@ -69,7 +70,7 @@ def pre_ln_model(
         outputs,
         initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
     return model
 
@@ -87,6 +88,17 @@ def test_pre_ln_graph_converts_exactly():
     assert record["max_diff"] <= 1e-5
     centered = {(c["what"]) for c in models.fused(record, *CENTERING)}
     assert {"embedding table", "projection weight"} <= centered
+
+
+def test_pre_ln_graph_at_opset_17_is_converted_to_opset_23():
+    out, record = convert(pre_ln_model(opset=17))
+    assert record["status"] == "applied", record["details"]
+    assert record["rule_counts"]["layer-norm-to-rms-norm"] == 2
+    assert (
+        record["details"]["opset"] == "converted the graph from ONNX opset 17 to 23 (onnx version converter)"
+    )
+    assert next(o.version for o in out.opset_import if o.domain == "") == 23
+    assert record["max_diff"] <= 1e-5
 
 
 def test_non_linear_stem_is_centered_explicitly():
@@ -125,8 +137,8 @@ def test_refused_after_skip_fusion():
     assert "before fuse-norms" in record["details"]["refused"]
 
 
-def check_family(family, exporter):
-    model = models.exported(family, exporter)
+def check_family(family, exporter, opset=None):
+    model = models.exported(family, exporter, opset)
     out, records = models.optimize(model, ["preln-to-rmsnorm", "fuse-norms"])
     record = records["preln-to-rmsnorm"]
     assert record["status"] == "applied", record["details"].get("refused") or record["reason"]
@@ -136,11 +148,18 @@ def check_family(family, exporter):
     assert "LayerNormalization" not in ops and "SkipLayerNormalization" not in ops
     assert records["fuse-norms"]["status"] == "applied"
     assert records["fuse-norms"]["rule_counts"].get("skip-rms-norm", 0) >= 1
+    return out
 
 
 @pytest.mark.parametrize("family", ["gpt2", "vit"])
 def test_family_converts(family):
     check_family(family, "torchscript")
+
+
+def test_family_at_opset_14_converts():
+    """TorchScript's LayerNorm below opset 17 is decomposed: fused (opset 17), then converted to 23."""
+    out = check_family("gpt2", "torchscript", 14)
+    assert next(o.version for o in out.opset_import if o.domain == "") == 23
 
 
 @pytest.mark.slow
@@ -155,6 +174,15 @@ def test_post_ln_bert_is_refused():
     assert record["status"] == "unchanged"
     assert "Post-LN" in record["details"]["refused"]
     assert "RMSNormalization" not in models.ops(out)
+
+
+def test_refused_graph_below_opset_18_is_not_converted():
+    out, records = models.optimize(models.exported("bert", "torchscript", 14), ["preln-to-rmsnorm"])
+    record = records["preln-to-rmsnorm"]
+    assert "Post-LN" in record["details"]["refused"]
+    # only what the decomposed LayerNorm fusion needs: opset 17, no conversion to 23
+    assert next(o.version for o in out.opset_import if o.domain == "") == 17
+    assert record["details"]["opset"] == "raised the ONNX opset from 14 to 17"
 
 
 def test_rms_norm_llama_is_left_alone():
