@@ -4,7 +4,9 @@ Exporters write GELU three ways: dynamo emits ONNX ``Gelu`` (opset 20), TorchScr
 formula 0.5·x·(1 + erf(x/√2)), GPT-2's ``gelu_new`` the tanh formula. Each becomes ``Gelu`` or
 ``FastGelu``; a bias Add in front folds in (``BiasGelu``, ``FastGelu``'s bias input); CLIP's
 x·sigmoid(1.702·x) becomes ``QuickGelu``. The formula rules are onnxscript's; the rewriter only
-matches when every intermediate value has no other consumer.
+matches when every intermediate value has no other consumer. A Tanh / Erf no pattern took is
+then tried by value (``gelu-by-value``, gelu_value.py: BLOOM's arrangement of the tanh formula),
+and the bias rules run again over what it made.
 
 SiLU-gated MLPs (LLaMA) stay as they are: ORT has no fp32 CPU kernel for a gated MLP.
 """
@@ -14,13 +16,15 @@ from __future__ import annotations
 import collections
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, gelu
 
 from txcompile.graph.constants import constant_scalar
-from txcompile.graph.nodes import MS_DOMAIN
+from txcompile.graph.nodes import MS_DOMAIN, op_key
+from txcompile.passes.attention import gelu_value
 from txcompile.passes.base import TxPass
-from txcompile.passes.rules import FUSED, PatternRule, SiteRecord, apply_patterns
+from txcompile.passes.rules import FUSED, UNFUSED, PatternRule, SiteRecord, apply_patterns
 
 
 class TanhGeluToFastGelu(pattern.RewriteRuleClassBase):
@@ -115,6 +119,8 @@ RULES: dict[str, pattern.RewriteRule] = {
 
 
 PATTERNS = tuple(PatternRule(name, rule) for name, rule in RULES.items())
+BIAS_PATTERNS = tuple(rule for rule in PATTERNS if rule.name.startswith(("bias-gelu", "fast-gelu-bias")))
+BY_VALUE = "gelu-by-value"
 
 
 def _family(rule_name: str) -> str:
@@ -143,6 +149,10 @@ class FuseActivations(TxPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         records = apply_patterns(self, model, PATTERNS)
+        by_value = self._by_value(model)
+        if any(r.status == FUSED for r in by_value):
+            records += apply_patterns(self, model, BIAS_PATTERNS)
+        records += by_value
         for record in records:
             record.rule = _family(record.rule)
         records += _near_misses(model, {(r.site, r.rule) for r in records})
@@ -161,3 +171,24 @@ class FuseActivations(TxPass):
                 op: f"{left.count(op)} {op} node(s) not part of a GELU formula" for op in set(left)
             }
         return ir.passes.PassResult(model, bool(self.rule_counts))
+
+    def _by_value(self, model: ir.Model) -> list[SiteRecord]:
+        """Every Tanh / Erf the patterns left: GELU by its values, or the reason it is not."""
+        records = []
+        graph = model.graph
+        for anchor in [n for n in graph if n.op_type in gelu_value.ANCHORS and n.domain in ("", "ai.onnx")]:
+            if anchor.graph is None:  # inside a region an earlier anchor rewrote
+                continue
+            site = anchor.name or anchor.outputs[0].name
+            region = gelu_value.find(anchor)
+            if isinstance(region, str):
+                records.append(SiteRecord(site, BY_VALUE, UNFUSED, reason=region))
+                continue
+            node = gelu_value.rewrite(graph, region, f"{site}/{region.op_type}")
+            self.tag([node], BY_VALUE)
+            self.rule_counts[BY_VALUE] += 1
+            extra = {"form": region.form, "max_diff": region.max_diff}
+            records.append(SiteRecord(site, BY_VALUE, FUSED, op=op_key(node), extra=extra))
+        if any(r.status == FUSED for r in records):
+            common.RemoveUnusedNodesPass()(model)
+        return records

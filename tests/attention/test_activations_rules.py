@@ -152,3 +152,81 @@ def test_single_node_rule_keeps_an_output_read_twice():
     assert tx_pass.rule_counts == {"gelu-tanh-onnx": 1}
     assert {"Neg", "Abs", "FastGelu"} <= set(op_types(fused)) and "Gelu" not in op_types(fused)
     assert max_diff(model, fused, FEEDS) < 1e-4
+
+
+# --- gelu-by-value: the arrangements no pattern lists -------------------------------------------
+
+
+def bloom_gelu(scale=0.79788456, extra_output=None):
+    """BLOOM's bloom_gelu_forward: x · 0.5 · (1 + tanh(0.79788456 · x · (1 + 0.044715 · x · x)))."""
+    nodes = [
+        helper.make_node("Mul", ["x", "half"], ["half_x"]),
+        helper.make_node("Mul", ["scale", "x"], ["scaled"]),
+        helper.make_node("Mul", ["cube", "x"], ["cube_x"]),
+        helper.make_node("Mul", ["cube_x", "x"], ["cube_xx"]),
+        helper.make_node("Add", ["one", "cube_xx"], ["poly"]),
+        helper.make_node("Mul", ["scaled", "poly"], ["inner"]),
+        helper.make_node("Tanh", ["inner"], ["tanh"]),
+        helper.make_node("Add", ["one", "tanh"], ["shifted"]),
+        helper.make_node("Mul", ["half_x", "shifted"], ["y"]),
+    ]
+    return _model(nodes, {"half": 0.5, "scale": scale, "cube": 0.044715, "one": 1.0}, extra_output)
+
+
+def torchscript_tanh_gelu(extra_output=None):
+    """gelu(approximate="tanh") as TorchScript writes it below opset 20: ½·(x·(1 + tanh(β·(x + κx³))))."""
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["xx"]),
+        helper.make_node("Mul", ["x", "xx"], ["xxx"]),
+        helper.make_node("Mul", ["kappa", "xxx"], ["cube_term"]),
+        helper.make_node("Add", ["x", "cube_term"], ["sum"]),
+        helper.make_node("Mul", ["beta", "sum"], ["inner"]),
+        helper.make_node("Tanh", ["inner"], ["tanh"]),
+        helper.make_node("Add", ["one", "tanh"], ["shifted"]),
+        helper.make_node("Mul", ["x", "shifted"], ["product"]),
+        helper.make_node("Mul", ["half", "product"], ["y"]),
+    ]
+    constants = {"kappa": 0.044715, "beta": math.sqrt(2 / math.pi), "one": 1.0, "half": 0.5}
+    return _model(nodes, constants, extra_output, opset=18)
+
+
+def soft_cap(extra_output=None):
+    """Gemma 2's logit soft-capping, 30 · tanh(x / 30): a Tanh that is no GELU."""
+    nodes = [
+        helper.make_node("Div", ["x", "cap"], ["scaled"]),
+        helper.make_node("Tanh", ["scaled"], ["tanh"]),
+        helper.make_node("Mul", ["tanh", "cap"], ["y"]),
+    ]
+    return _model(nodes, {"cap": 30.0}, extra_output)
+
+
+@pytest.mark.parametrize("build", [bloom_gelu, torchscript_tanh_gelu])
+def test_gelu_by_value_fuses_an_arrangement_no_pattern_lists(build):
+    model = build()
+    tx_pass, fused = run_pass(FuseActivations, model, context_feeds=FEEDS)
+    assert tx_pass.rule_counts == {"gelu-by-value": 1}
+    (site,) = _sites(tx_pass, "gelu-by-value", "fused")
+    assert (site["op"], site["form"], site["reason"]) == ("com.microsoft.FastGelu", "tanh", None)
+    assert op_types(fused) == ["FastGelu"]
+    tag = {p.key: p.value for p in fused.graph.node[0].metadata_props}["txcompile.rule"]
+    assert tag == "gelu-by-value"
+    assert max_diff(model, fused, FEEDS) < 1e-5
+    assert list(fused.graph.initializer) == []  # the formula's constants go with it
+
+
+def test_gelu_by_value_names_how_far_a_tanh_is_from_gelu():
+    tx_pass, fused = run_pass(FuseActivations, soft_cap(), context_feeds=FEEDS)
+    assert not tx_pass.rule_counts and "Tanh" in op_types(fused)
+    (site,) = _sites(tx_pass, "gelu-by-value", "unfused")
+    assert site["reason"] == "the elementwise region around it is not GELU (max diff 30 from erf-GELU)"
+    _, off = run_pass(FuseActivations, bloom_gelu(scale=0.7), context_feeds=FEEDS)
+    assert "FastGelu" not in op_types(off)  # a constant a little off is not GELU either
+
+
+def test_gelu_by_value_refuses_a_formula_value_read_elsewhere():
+    model = bloom_gelu(extra_output="poly")
+    tx_pass, fused = run_pass(FuseActivations, model, context_feeds=FEEDS)
+    assert not tx_pass.rule_counts
+    (site,) = _sites(tx_pass, "gelu-by-value", "unfused")
+    assert site["reason"] == "poly inside the GELU formula has another reader"
+    assert max_diff(model, fused, FEEDS) < 1e-5
