@@ -19,7 +19,7 @@ import onnx_ir.passes.common as common
 
 from txcompile.graph.errors import TxError
 from txcompile.graph.probe import Shapes, probe_shapes, probe_values
-from txcompile.passes.attention import gqa
+from txcompile.passes.attention import folded_heads, gqa
 from txcompile.passes.attention.lower_gqa import GroupQueryAttention
 from txcompile.passes.attention.lower_ms import MultiHeadAttentionBnsh, MultiHeadAttentionBsh
 from txcompile.passes.attention.lower_onnx import OnnxAttention
@@ -88,7 +88,11 @@ class FuseAttention(RulePass):
 
     def prepare(self, model: ir.Model) -> AttentionState:
         feeds, op_choice = self.context.feeds, self.options.attention_op
+        refused = self._split_folded_heads(model, feeds)
         sites = find_sites(model.graph, model.opset_imports.get("", 1))
+        for site in sites:
+            if site.reason is not None and site.softmax in refused:
+                site.reason = f"heads folded into the batch: {refused[site.softmax]}"
         readable = [s for s in sites if s.reason is None]
         values = [v for s in readable for v in neighbourhood(s)]
         shapes = Shapes(probe_shapes(model, values, feeds) if readable else {})
@@ -103,6 +107,22 @@ class FuseAttention(RulePass):
             state.padding, state.padding_reason = gqa.padding_input(feeds)
         return state
 
+    def _split_folded_heads(self, model: ir.Model, feeds) -> dict[ir.Node, str]:
+        """Sites written over [B·N]-folded heads, rewritten over split heads; the rest with why."""
+        found, refused = folded_heads.find(model.graph)
+        if not found:
+            return refused
+        shapes = Shapes(probe_shapes(model, [v for f in found for v in f.probed()], feeds))
+        for folded in found:
+            reason = folded_heads.split(model.graph, folded, shapes)
+            if reason is None:
+                self.rule_counts[folded_heads.RULE] += 1
+            else:
+                refused[folded.softmax] = reason
+        if len(refused) < len(found):
+            common.RemoveUnusedNodesPass()(model)  # the folded products and views
+        return refused
+
     def finish(self, model: ir.Model, state: AttentionState, records) -> None:
         """GroupQueryAttention over the cache: the graph reads the past length from the mask, so
         that a generate loop may hand it one buffer as past and present."""
@@ -115,4 +135,4 @@ class FuseAttention(RulePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
         self.details["attention_op"] = self.options.attention_op
-        return result
+        return ir.passes.PassResult(model, result.modified or bool(self.rule_counts[folded_heads.RULE]))

@@ -197,8 +197,10 @@ def _read_probabilities(site: Site) -> None:
     probs = site.softmax.outputs[0]
     site.chain.append(site.softmax)
     uses = [user for user, _ in probs.uses()]
-    if len(uses) == 1 and uses[0].op_type == "Cast" and uses[0].attributes.get_int("to") == ir.DataType.FLOAT:
-        site.chain.append(uses[0])  # TorchScript's no-op Cast back to float
+    while (
+        len(uses) == 1 and uses[0].op_type == "Cast" and uses[0].attributes.get_int("to") == ir.DataType.FLOAT
+    ):
+        site.chain.append(uses[0])  # TorchScript's no-op Casts back to float
         probs = uses[0].outputs[0]
         uses = [user for user, _ in probs.uses()]
     if probs.is_graph_output():

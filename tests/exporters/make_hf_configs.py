@@ -3,11 +3,12 @@
 Every model is 64 wide, 2 layers, 4 heads, vocabulary 1000 where it has one, so exports take
 seconds. No weights are written: loading them exercises the random-init path and its warning.
 
-    python tests/exporters/make_hf_configs.py
+    python tests/exporters/make_hf_configs.py [name ...]
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import transformers as tf
@@ -71,6 +72,31 @@ CONFIGS = {
         {**BERT_LIKE, "num_key_value_heads": 2},
         "LlamaForCausalLM",
     ),
+    # ALiBi over [B·N]-folded heads (baddbmm) and the tanh GELU in BLOOM's own arrangement
+    "bloom": (
+        tf.BloomConfig,
+        {
+            "vocab_size": 1000,
+            "hidden_size": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        "BloomForCausalLM",
+    ),
+    # gelu_pytorch_tanh, which TorchScript writes as a formula below opset 20
+    "gemma": (
+        tf.GemmaConfig,
+        {
+            **BERT_LIKE,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "pad_token_id": 0,
+        },
+        "GemmaForCausalLM",
+    ),
     "vit": (
         tf.ViTConfig,
         {**BERT_LIKE, "image_size": 32, "patch_size": 8, "num_channels": 3},
@@ -96,8 +122,9 @@ CONFIGS = {
 }
 
 
-def main() -> None:
-    for name, (config_class, values, architecture) in CONFIGS.items():
+def main(names: list[str]) -> None:
+    for name in names or CONFIGS:
+        config_class, values, architecture = CONFIGS[name]
         config = config_class(**values, architectures=[architecture])
         folder = ROOT / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -106,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
