@@ -212,22 +212,21 @@ def _read(softmax: ir.Node) -> Folded | str | None:
 
 def _below(softmax: ir.Node) -> tuple[ir.Value, ir.Node | None, ir.Node | None] | None:
     """(the probabilities, P·V, its output view): through no-op Casts, a view back, the MatMul;
-    or P·V over split heads already (a static export folds the views around it)."""
+    or P·V over split heads already (a static export folds the views around it). Shape
+    readers along the way (TorchScript sizes the views from them) die with the folded chain."""
     probabilities = softmax.outputs[0]
-    user = _only_user(probabilities)
+    user = _reader(probabilities)
     while user is not None and user.op_type == "Cast" and user.attributes.get_int("to") == ir.DataType.FLOAT:
         probabilities = user.outputs[0]
-        user = _only_user(probabilities)
+        user = _reader(probabilities)
     if user is not None and user.op_type == "MatMul" and user.inputs[0] is probabilities:
         return probabilities, None, None
     if user is None or user.op_type != "Reshape":
         return None
-    pv = _only_user(user.outputs[0])
+    pv = _reader(user.outputs[0])
     if pv is None or pv.op_type != "MatMul" or pv.inputs[0] is not user.outputs[0]:
         return None
-    # TorchScript reads the product's Shape for the view's target: it dies with the view
-    readers = [use.node for use in pv.outputs[0].uses() if use.node.op_type != "Shape"]
-    output_view = readers[0] if len(readers) == 1 and not pv.outputs[0].is_graph_output() else None
+    output_view = _reader(pv.outputs[0])
     if output_view is None or output_view.op_type != "Reshape" or output_view.inputs[0] is not pv.outputs[0]:
         return None
     return probabilities, pv, output_view
@@ -239,8 +238,10 @@ def _private(value: ir.Value) -> bool:
     return len(readers) == 1 and not value.is_graph_output()
 
 
-def _only_user(value: ir.Value) -> ir.Node | None:
-    return value.uses()[0].node if _single_use(value) else None
+def _reader(value: ir.Value) -> ir.Node | None:
+    """The one reader of ``value`` besides Shape nodes, if it has exactly one."""
+    readers = [use.node for use in value.uses() if use.node.op_type != "Shape"]
+    return readers[0] if len(readers) == 1 and not value.is_graph_output() else None
 
 
 def _product_above(value: ir.Value | None, depth: int = SEARCH_DEPTH) -> bool:

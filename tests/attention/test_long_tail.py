@@ -24,6 +24,8 @@ OTHER_DIMS = {"batch": 3, "seq": 24}
 CASES = {
     # ALiBi inside baddbmm over [B·N]-folded heads; BLOOM's own tanh-GELU arrangement
     "bloom": (None, {"fuse-attention": {"split-folded-heads": 2}, "fuse-activations": {"gelu-by-value": 2}}),
+    # DeBERTa-v2's c2p and p2c terms, added to the scores over folded heads: one additive bias
+    "deberta": (None, {"fuse-attention": {"split-folded-heads": 2}}),
     # gelu_pytorch_tanh below opset 20, where no exporter writes ONNX Gelu
     "gemma": (18, {}),
 }

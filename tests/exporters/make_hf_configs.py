@@ -97,6 +97,17 @@ CONFIGS = {
         },
         "GemmaForCausalLM",
     ),
+    # disentangled attention: content→position and position→content terms over folded heads
+    "deberta": (
+        tf.DebertaV2Config,
+        {
+            **BERT_LIKE,
+            "relative_attention": True,
+            "position_buckets": 32,
+            "pos_att_type": ["p2c", "c2p"],
+        },
+        "DebertaV2Model",
+    ),
     "vit": (
         tf.ViTConfig,
         {**BERT_LIKE, "image_size": 32, "patch_size": 8, "num_channels": 3},
