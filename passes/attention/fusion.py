@@ -61,21 +61,40 @@ class AttentionOptions:
 
 class LowerAttention(ReadAttention):
     """The read rule, then the first lowering that takes the site; a lowering the flag asked
-    for and that refused leaves its reason as the site's note."""
+    for and that refused leaves its reason as the site's note. A site no lowering takes (a
+    soft-cap MultiHeadAttention cannot apply) stays unfused with the last one's reason."""
+
+    def check(self, site: Site, state: AttentionState) -> str | None:
+        reason = super().check(site, state)
+        if reason is None:
+            lowering, reasons = _choose(site, state)
+            if lowering is None:
+                reason = "; ".join([reasons[-1], *_notes(state, reasons[:-1])])
+        return reason
 
     def rewrite(self, model: ir.Model, site: Site, state: AttentionState) -> Rewrite:
-        reading = state.reading(site)
-        notes = []
-        for lowering in state.lowerings:
-            reason = lowering.refuse(reading, state)
-            if reason is None:
-                break
-            if lowering.note:
-                notes.append(f"{lowering.note}: {reason}")
+        lowering, reasons = _choose(site, state)
+        notes = _notes(state, reasons)
         done = lowering.rewrite(model, site, state)
         if notes:
             done.extra["note"] = "; ".join(notes)
         return done
+
+
+def _notes(state: AttentionState, reasons: list[str]) -> list[str]:
+    """What the lowerings the flag asked for said when they refused (``not GroupQueryAttention: …``)."""
+    return [f"{low.note}: {why}" for low, why in zip(state.lowerings, reasons, strict=False) if low.note]
+
+
+def _choose(site: Site, state: AttentionState) -> tuple[Lowering | None, list[str]]:
+    """The first lowering that takes the read site, and the reasons of those before it."""
+    reasons = []
+    for lowering in state.lowerings:
+        reason = lowering.check(site, state)
+        if reason is None:
+            return lowering, reasons
+        reasons.append(reason)
+    return None, reasons
 
 
 class FuseAttention(RulePass):

@@ -50,6 +50,7 @@ class GroupQueryAttention(Lowering):
     name = "gqa"
     op = f"{MS_DOMAIN}.GroupQueryAttention"
     note = "not GroupQueryAttention"
+    softcap = True
 
     def refuse(self, reading: Reading, state: AttentionState) -> str | None:
         if _cache_plan(reading, state) is not None:
@@ -70,7 +71,7 @@ class GroupQueryAttention(Lowering):
             value, kv_layout.hidden, b
         )
         seqlens, total = _lengths(model, key, state, b)
-        attributes = {"num_heads": layout.heads, "kv_num_heads": kv_heads, "scale": float(site.scale)}
+        attributes = _attributes(site, layout.heads, kv_heads)
         inputs = [query, key, value, None, None, seqlens, total]
         output = b.ops("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, outputs=3)[0]
         attach_output(reading, output, shapes, b, merged=True)
@@ -117,7 +118,7 @@ def _build_with_cache(model: ir.Model, reading: Reading, state: AttentionState, 
     seqlens, total = _cache_lengths(state, b, bias, query, key_length)
     inputs = [query, new_key, new_value, past_key, past_value, seqlens, total]
     inputs += [None, None, None, bias]
-    attributes = {"num_heads": layout.heads, "kv_num_heads": kv_heads, "scale": float(site.scale)}
+    attributes = _attributes(site, layout.heads, kv_heads)
     output, key_out, value_out = b.ops("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, outputs=3)
     output = zero_unattended_rows(reading, state, b, bias, output)
     attach_output(reading, output, state.shapes, b, merged=True)
@@ -125,6 +126,13 @@ def _build_with_cache(model: ir.Model, reading: Reading, state: AttentionState, 
         name = old.name
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         old.name, new.name = f"{name}_concat", name
+
+
+def _attributes(site, heads: int, kv_heads: int) -> dict:
+    attributes = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(site.scale)}
+    if site.softcap:
+        attributes["softcap"] = float(site.softcap)
+    return attributes
 
 
 def _cache_lengths(state: AttentionState, b: GraphBuilder, bias, query: ir.Value, key_length: ir.Value):

@@ -22,6 +22,7 @@ class OnnxAttention(Lowering):
 
     name = "onnx-attention"
     op = "Attention"
+    softcap = True
 
     def build(self, model: ir.Model, reading: Reading, state: AttentionState, b: GraphBuilder) -> None:
         if model.opset_imports.get("", 1) < ONNX_ATTENTION_OPSET:
@@ -33,6 +34,7 @@ class OnnxAttention(Lowering):
         key_length = b.op("Shape", key, start=2, end=3)
         mask = AttentionBias().build(reading, state, b, query_length, key_length)
         inputs = [site.query, key, site.value] + ([mask] if mask is not None else [])
-        output = b.op("Attention", *inputs, scale=float(site.scale))
+        capping = {"softcap": float(site.softcap)} if site.softcap else {}
+        output = b.op("Attention", *inputs, scale=float(site.scale), **capping)
         output = zero_unattended_rows(reading, state, b, mask, output, split_heads=True)
         attach_output(reading, output, state.shapes, b, merged=False)

@@ -24,6 +24,7 @@ class Lowering(Rule):
 
     op: ClassVar[str]
     note: ClassVar[str | None] = None  # said on a site when the flag asked for this op and it refused
+    softcap: ClassVar[bool] = False  # whether the op caps the scores itself (its softcap attribute)
 
     def match(self, model: ir.Model, state: AttentionState) -> list[Site]:
         return [site for site in state.sites if site.reason is None]
@@ -35,6 +36,11 @@ class Lowering(Rule):
         reading = state.reading(site)
         if reading is None:
             return site.reason
+        if site.softcap and not self.softcap:
+            return (
+                f"soft-capped scores ({site.softcap:g}·tanh(s/{site.softcap:g})): {self.op} has no softcap; "
+                "GroupQueryAttention and ONNX Attention do (--attention-op gqa / onnx)"
+            )
         if site.guarded and per_head_bias(reading, state.shapes):
             return "a NaN guard below the Softmax over a per-head bias (fully masked rows unknown)"
         return self.refuse(reading, state)

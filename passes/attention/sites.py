@@ -5,7 +5,8 @@ hold scalar scales (``Mul``/``Div`` by a constant, as eager attention writes the
 biases (padding / causal masks, T5 and Swin position biases) and ``Where(mask, scores, -big)``
 fills (sdpa exports); below it, the NaN guard that dynamo writes for sdpa
 (``Where(IsNaN(p), 0, p)``) and then the P·V MatMul. Scales applied to Q and Kᵀ before the
-product (torch's sdpa decomposition splits √scale over both) are absorbed too.
+product (torch's sdpa decomposition splits √scale over both) are absorbed too. A soft-cap
+c·tanh(scores / c) (Gemma 2) is read as the site's ``softcap``; nothing may be added under it.
 
 Every Softmax becomes a :class:`Site`; one that does not read as attention keeps the first
 check that failed in ``reason``, so the coverage report can say why it stayed unfused.
@@ -22,9 +23,9 @@ import onnx_ir as ir
 
 # Where-fills at or below this are masks: adding them to a score zeroes its probability exactly.
 MASK_FILL_LIMIT = -1e9
-ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast"})
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Tanh"})
 SEARCH_DEPTH = 8
-SCORE_OPS = frozenset({"Add", "Mul", "Div", "Where"})  # what may sit between Q·Kᵀ and the Softmax
+SCORE_OPS = frozenset({"Add", "Mul", "Div", "Where", "Tanh"})  # what may sit between Q·Kᵀ and the Softmax
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ class Site:
     biases: list[BiasTerm] = dataclasses.field(default_factory=list)
     chain: list[ir.Node] = dataclasses.field(default_factory=list)  # nodes the fusion replaces
     guarded: bool = False  # Where(IsNaN(p), 0, p) below the Softmax: a fully masked row gives 0
+    softcap: float = 0.0  # c of c·tanh(scores / c) on the scaled scores (Gemma 2), 0: none
 
     @property
     def name(self) -> str:
@@ -147,6 +149,18 @@ def _read_scores(site: Site) -> None:
             site.fail(f"score tensor {scores.name} has another consumer")
             return
         site.chain.append(node)
+        capped = _soft_cap(node)
+        if capped is not None:
+            if site.softcap or factor != 1.0:
+                site.fail(f"{node.op_type} {node.name}: a second soft-cap, or a scale after it")
+                return
+            site.softcap, below, scores = capped
+            site.chain.extend(below)
+            factor = site.softcap  # the capped scores are c · y
+            continue
+        if site.softcap and node.op_type != "Mul" and node.op_type != "Div":
+            site.fail(f"{node.op_type} {node.name} adds to the scores inside the soft-cap")
+            return
         on_path = [i for i, v in enumerate(node.inputs) if _reaches_matmul(v) or _is_matmul_output(v)]
         if len(on_path) != 1:
             site.fail(f"{node.op_type} {node.name} does not lead to exactly one MatMul")
@@ -186,6 +200,22 @@ def _read_scores(site: Site) -> None:
     site.scale = factor * q_factor * k_factor
     if not math.isfinite(site.scale):
         site.fail("the scale is not finite")
+
+
+def _soft_cap(node: ir.Node) -> tuple[float, list[ir.Node], ir.Value] | None:
+    """(c, the Tanh, y) when ``node`` is c · tanh(y) with c a positive scalar constant (or the
+    Tanh itself: c = 1). That is a soft-cap of c · y exactly, whatever wrote y: Gemma 2's
+    c · tanh(scores / c), with the exporter folding /c into the scale or dropping it at c = 1."""
+    if node.op_type == "Tanh":
+        return 1.0, [], node.inputs[0]
+    if node.op_type != "Mul":
+        return None
+    for index in (0, 1):
+        cap, tanh = scalar_constant(node.inputs[1 - index]), node.inputs[index].producer()
+        if cap is not None and cap > 0 and tanh is not None and tanh.op_type == "Tanh":
+            if _single_use(tanh.outputs[0]):
+                return cap, [tanh], tanh.inputs[0]
+    return None
 
 
 def _is_matmul_output(value: ir.Value | None) -> bool:

@@ -25,6 +25,7 @@ def attention_block(
     with_softmax_input_from_matmul: bool = True,
     kv_source: str = "x",  # "memory": K and V project a second input (cross-attention)
     packed_qkv: bool = False,  # one [hidden, 3·hidden] projection split in three (ViT, GPT-2)
+    softcap: float = 0.0,  # c · tanh(scores / c) before the mask (Gemma 2), 0: none
 ) -> onnx.ModelProto:
     """x [B, S, hidden], attention_mask [B, S] → one BERT-style self-attention (no out projection)."""
     rng = np.random.default_rng(0)
@@ -76,6 +77,14 @@ def attention_block(
             )
         )
         scores = "scaled"
+    if softcap:
+        cap = const("cap", np.array(softcap, np.float32))
+        nodes += [
+            helper.make_node("Div", [scores, cap], ["uncapped"]),
+            helper.make_node("Tanh", ["uncapped"], ["tanh"]),
+            helper.make_node("Mul", ["tanh", cap], ["capped"]),
+        ]
+        scores = "capped"
     if mask != "none":
         nodes.append(
             helper.make_node(

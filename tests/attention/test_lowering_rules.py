@@ -354,3 +354,36 @@ def test_lowerings_bake_in_no_probe_size(seq):
         model = heads_first(attention_block(), "k") if rule is MultiHeadAttentionBnsh else attention_block()
         _, fused, _ = lower(rule, model, flags)
         assert max_diff(model, fused, feeds(batch=3, seq=seq)) < ATOL
+
+
+# soft-cap (Gemma 2): GroupQueryAttention and ONNX Attention cap the scores, MultiHeadAttention cannot
+
+
+def test_soft_capped_site_becomes_onnx_attention_with_its_softcap():
+    model = attention_block(softcap=2.0)
+    tx_pass, fused = run_pass(FuseAttention, model, {"attention_op": "onnx"})
+    (site,) = tx_pass.details["sites"]
+    assert (site["status"], site["op"]) == ("fused", "Attention")
+    (node,) = [n for n in fused.graph.node if n.op_type == "Attention"]
+    assert {a.name: a.f for a in node.attribute}["softcap"] == 2.0
+    assert max_diff(model, fused, feeds()) < ATOL
+    assert max_diff(model, attention_block(), feeds()) > 0.1  # the cap matters on these inputs
+
+
+def test_multi_head_attention_refuses_a_soft_capped_site():
+    model = attention_block(softcap=2.0)
+    tx_pass, fused = run_pass(FuseAttention, model)
+    (site,) = tx_pass.details["sites"]
+    assert site["status"] == "unfused"
+    assert site["reason"] == (
+        "soft-capped scores (2·tanh(s/2)): com.microsoft.MultiHeadAttention has no softcap; "
+        "GroupQueryAttention and ONNX Attention do (--attention-op gqa / onnx)"
+    )
+    assert "Softmax" in op_types(fused) and max_diff(model, fused, feeds()) == 0
+
+
+def test_soft_cap_read_elsewhere_keeps_the_site():
+    model = add_output(attention_block(softcap=2.0), "tanh")
+    tx_pass, _ = run_pass(FuseAttention, model, {"attention_op": "onnx"})
+    (site,) = tx_pass.details["sites"]
+    assert site["status"] == "unfused" and site["reason"] == "score tensor tanh has another consumer"

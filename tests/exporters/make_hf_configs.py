@@ -108,6 +108,21 @@ CONFIGS = {
         },
         "DebertaV2Model",
     ),
+    # attention soft-capping, sliding-window layers (the window shorter than the verification's
+    # 16 tokens); weights large enough that the cap of 1 saturates, so dropping it would show
+    "gemma2": (
+        tf.Gemma2Config,
+        {
+            **BERT_LIKE,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "sliding_window": 8,
+            "attn_logit_softcapping": 1.0,
+            "initializer_range": 0.5,
+            "pad_token_id": 0,
+        },
+        "Gemma2ForCausalLM",
+    ),
     "vit": (
         tf.ViTConfig,
         {**BERT_LIKE, "image_size": 32, "patch_size": 8, "num_channels": 3},
