@@ -22,9 +22,9 @@ import onnx_ir as ir
 
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import MS_DOMAIN
-from txcompile.graph.probe import Shapes, probe_shapes
+from txcompile.graph.probe import Shapes, probe_shapes, probe_values
 from txcompile.passes.attention.read import Layout, merged_heads, perm
-from txcompile.passes.attention.rotary_sites import Site, check, match, shared_by_rows
+from txcompile.passes.attention.rotary_sites import Site, check, folded_tables, match, shared_by_rows
 from txcompile.passes.rules import Rewrite, Rule, RulePass, SiteRecord
 
 
@@ -37,6 +37,7 @@ class RotaryState:
     caches: dict[tuple[str, str], tuple[ir.Value, ir.Value, ir.Value]] = dataclasses.field(
         default_factory=dict
     )
+    tables: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # folded cos/sin
     fused: int = 0  # numbers the builders' prefixes
 
 
@@ -52,7 +53,7 @@ class RotaryRule(Rule):
         return site.add.name or site.add.outputs[0].name
 
     def check(self, site: Site, state: RotaryState) -> str | None:
-        site.reason = site.reason or check(site, state.shapes)
+        site.reason = site.reason or check(site, state.shapes, state.tables)
         return site.reason
 
     def rewrite(self, model: ir.Model, site: Site, state: RotaryState) -> Rewrite:
@@ -137,7 +138,12 @@ class FuseRotary(RulePass):
             for s in sites
             for v in (s.x, s.cos, s.sin, *(n.outputs[0] for n in s.half_slices), *head_split_values(s.x))
         ]
-        return RotaryState(sites, Shapes(probe_shapes(model, values, self.context.feeds) if sites else {}))
+        feeds = self.context.feeds
+        state = RotaryState(sites, Shapes(probe_shapes(model, values, feeds) if sites else {}))
+        folded = [v for s in sites for v in folded_tables(s)]
+        if folded:
+            state.tables = probe_values(model, folded, feeds)
+        return state
 
     def finish(self, model: ir.Model, state: RotaryState, records: list[SiteRecord]) -> None:
         if state.fused:

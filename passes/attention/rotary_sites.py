@@ -1,14 +1,17 @@
 """Reading a RoPE site: the x·cos + rotate_half(x)·sin structure, and whether it fuses exactly.
 
 Exporters write rotate_half(x) = [−x₂, x₁] with two Slices, a Neg and a Concat, and cos/sin
-as Cos/Sin(Concat(θ, θ)) (times a scaling factor). ``match`` finds the structure around an
-Add; ``check`` says, from the probed shapes, why a site cannot become RotaryEmbedding.
+as Cos/Sin(Concat(θ, θ)) (times a scaling factor); a static export folds them into constants,
+whose values then show the halves repeat. ``match`` finds the structure around an Add;
+``check`` says, from the probed shapes, why a site cannot become RotaryEmbedding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 from txcompile.graph.constants import constant_array, constant_scalar
@@ -68,8 +71,9 @@ def _rotate_half(value: ir.Value | None) -> tuple[ir.Value, tuple[ir.Node, ir.No
     return first.inputs[0], (first, second), concat
 
 
-def check(site: Site, shapes: Shapes) -> str | None:
-    """None when the site can be fused exactly; else the first check that failed."""
+def check(site: Site, shapes: Shapes, tables: Mapping[str, np.ndarray] | None = None) -> str | None:
+    """None when the site can be fused exactly; else the first check that failed. ``tables``:
+    the values of cos/sin that no graph input reaches (a static export folds them)."""
     x_shape, cos_shape, sin_shape = shapes(site.x), shapes(site.cos), shapes(site.sin)
     if x_shape is None or len(x_shape) != 4:
         return f"x is not [batch, heads, seq, head_size] (shape {x_shape})"
@@ -95,15 +99,43 @@ def check(site: Site, shapes: Shapes) -> str | None:
         ):
             return f"{name} is not one row per position shared by every head (shape {shape})"
     cos_angles, sin_angles = _angles(site.cos, "Cos"), _angles(site.sin, "Sin")
-    if cos_angles is None or sin_angles is None:
+    folded = [(tables or {}).get(v.name) for v in (site.cos, site.sin)]
+    if (cos_angles is None or sin_angles is None) and all(t is not None for t in folded):
+        if not all(np.array_equal(t[..., :half], t[..., half:]) for t in folded):
+            return "the folded cos/sin tables' two halves differ (not rotate_half's RoPE)"
+    elif cos_angles is None or sin_angles is None:
         return "cos/sin are not Cos/Sin of Concat(θ, θ) (the two halves may differ)"
-    if cos_angles is not sin_angles:
+    elif cos_angles is not sin_angles:
         return "cos and sin are computed from different angles"
     inner = [site.concat, *site.half_slices, site.half_slices[1].outputs[0].uses()[0][0]]
     inner += [value.producer() for value in site.add.inputs]
     if any(len(node.outputs[0].uses()) != 1 or node.outputs[0].is_graph_output() for node in inner):
         return "an intermediate value has another consumer"
     return None
+
+
+def folded_tables(site: Site) -> list[ir.Value]:
+    """cos and sin when neither is Cos/Sin of angles but both are constants a graph input never
+    reaches (a static export folds the tables): their values say whether the halves repeat."""
+    if _angles(site.cos, "Cos") is not None and _angles(site.sin, "Sin") is not None:
+        return []
+    values = [site.cos, site.sin]
+    return values if all(_input_free(v) for v in values) else []
+
+
+def _input_free(value: ir.Value, limit: int = 64) -> bool:
+    """Whether ``value`` is computed from initializers and constants alone."""
+    pending, seen = [value], set()
+    while pending:
+        value = pending.pop()
+        if value is None or value in seen or value.const_value is not None:
+            continue
+        seen.add(value)
+        producer = value.producer()
+        if producer is None or len(seen) > limit:
+            return False  # a graph input, or too far to tell
+        pending.extend(producer.inputs)
+    return True
 
 
 def shared_by_rows(site: Site, shapes: Shapes) -> bool:

@@ -5,8 +5,9 @@ Every site lands in ``details["sites"]`` as the shared record (site, rule, statu
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from txcompile.passes.attention.rotary import FuseRotary, RotaryRule
 
@@ -111,3 +112,55 @@ def test_rotated_value_as_graph_output_is_refused():
     tx_pass, fused = run_pass(FuseRotary, model, context_feeds=rope_feeds())
     assert [s["reason"] for s in tx_pass.details["sites"]] == ["the rotated value is a graph output"]
     assert "RotaryEmbedding" not in op_types(fused)
+
+
+# folded tables: a static export computes cos/sin at export time into constants -----------------
+
+SEQ = 5
+
+
+def folded_rope(*, halves_repeat: bool = True, extra_output: bool = False) -> onnx.ModelProto:
+    """rope_block with cos/sin as [1, 1, S, head_dim] initializers, as a static export writes them."""
+    model = rope_block(extra_output=extra_output)
+    table_nodes = {"theta", "cos_raw", "sin_raw", "cos", "sin"}
+    kept = [n for n in model.graph.node if n.output[0] not in table_nodes]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    del model.graph.input[1]  # the angles
+    theta = np.random.default_rng(0).uniform(-3, 3, (SEQ, HEAD_DIM // 2))
+    theta = np.concatenate([theta, theta if halves_repeat else theta + 0.5], axis=-1)
+    for name, table in (("cos", np.cos(theta)), ("sin", np.sin(theta))):
+        model.graph.initializer.append(numpy_helper.from_array(table[None, None].astype(np.float32), name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[2].dim_value = SEQ
+    onnx.checker.check_model(model)
+    return model
+
+
+def _static_feeds():
+    return {"x": rope_feeds(batch=2, seq=SEQ)["x"]}
+
+
+def test_folded_tables_whose_halves_repeat_become_rotary_embedding():
+    model = folded_rope()
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=_static_feeds())
+    (site,) = tx_pass.details["sites"]
+    assert (site["status"], site["op"]) == ("fused", "RotaryEmbedding")
+    assert max_diff(model, fused, _static_feeds()) < 1e-5
+
+
+def test_folded_tables_whose_halves_differ_are_refused():
+    model = folded_rope(halves_repeat=False)
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=_static_feeds())
+    (site,) = tx_pass.details["sites"]
+    assert site["status"] == "unfused"
+    assert site["reason"] == "the folded cos/sin tables' two halves differ (not rotate_half's RoPE)"
+    assert "RotaryEmbedding" not in op_types(fused)
+
+
+def test_folded_tables_with_a_rotation_read_elsewhere_are_refused():
+    model = folded_rope(extra_output=True)
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=_static_feeds())
+    (site,) = tx_pass.details["sites"]
+    assert site["reason"] == "an intermediate value has another consumer"
+    assert max_diff(model, fused, _static_feeds()) == 0
