@@ -9,8 +9,8 @@ the position ids are the offset 0. That keeps the fused graph valid at every seq
 (no cache to size). Where cos/sin differ per batch row — a decoder with a cache takes position
 ids, which count each left-padded row's own tokens from its past — the cache is their first
 half flattened to one row per (batch row, position), and the position ids index it
-(b·seq + s): exact for any past length, still with no table to size. Partial rotary (only
-the first dims rotated) and the interleaved form are left alone and listed with the reason.
+(b·seq + s): exact for any past length, still with no table to size. Partial rotary rotates
+the sliced part; the interleaved form (GPT-J) is rotary_interleaved.py's rule.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import onnx_ir as ir
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.graph.probe import Shapes, probe_shapes, probe_values
+from txcompile.passes.attention import rotary_interleaved
 from txcompile.passes.attention.read import Layout, merged_heads, perm
 from txcompile.passes.attention.rotary_sites import Site, check, folded_tables, match, shared_by_rows
 from txcompile.passes.rules import Rewrite, Rule, RulePass, SiteRecord
@@ -38,6 +39,7 @@ class RotaryState:
         default_factory=dict
     )
     tables: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # folded cos/sin
+    interleaved: list[rotary_interleaved.Site] = dataclasses.field(default_factory=list)
     fused: int = 0  # numbers the builders' prefixes
 
 
@@ -95,6 +97,27 @@ class RotaryRule(Rule):
         return Rewrite("RotaryEmbedding", nodes)
 
 
+class InterleavedRotaryRule(Rule):
+    """x·cos + rotate_every_two(x)·sin (GPT-J) → RotaryEmbedding(interleaved=1) over the half tables."""
+
+    name = rotary_interleaved.RULE
+
+    def match(self, model: ir.Model, state: RotaryState) -> list[rotary_interleaved.Site]:
+        return state.interleaved
+
+    def site_name(self, site: rotary_interleaved.Site) -> str:
+        return site.add.name or site.add.outputs[0].name
+
+    def check(self, site: rotary_interleaved.Site, state: RotaryState) -> str | None:
+        return rotary_interleaved.check(site, state.shapes)
+
+    def rewrite(self, model: ir.Model, site: rotary_interleaved.Site, state: RotaryState) -> Rewrite:
+        state.fused += 1
+        prefix = f"txcompile_rotary_{state.fused}"
+        nodes = rotary_interleaved.rewrite(model.graph, site, state.shapes, prefix, state.caches)
+        return Rewrite("RotaryEmbedding", nodes)
+
+
 def head_split_source(x: ir.Value, shapes: Shapes) -> ir.Value | None:
     """x3 [B, S, N·D] when x [B, N, S, D] is Transpose(0, 2, 1, 3)(Reshape(x3)), the exporters'
     head split: RotaryEmbedding then rotates x3 itself (it takes [B, S, N·D] with num_heads), and
@@ -129,17 +152,22 @@ def _row_positions(build: GraphBuilder, cos: ir.Value, x: ir.Value) -> ir.Value:
 class FuseRotary(RulePass):
     name = "fuse-rotary"
     summary = "x·cos + rotate_half(x)·sin → com.microsoft.RotaryEmbedding (Q and K of every layer)"
-    rules = (RotaryRule,)
+    rules = (RotaryRule, InterleavedRotaryRule)
 
     def prepare(self, model: ir.Model) -> RotaryState:
         sites = [site for node in model.graph if (site := match(node)) is not None]
+        interleaved = [site for node in model.graph if (site := rotary_interleaved.match(node)) is not None]
         values = [
             v
             for s in sites
             for v in (s.x, s.cos, s.sin, *(n.outputs[0] for n in s.half_slices), *head_split_values(s.x))
         ]
+        values += [
+            v for s in interleaved for v in (s.x, s.cos, s.sin, s.cos_half, s.sin_half) if v is not None
+        ]
         feeds = self.context.feeds
-        state = RotaryState(sites, Shapes(probe_shapes(model, values, feeds) if sites else {}))
+        state = RotaryState(sites, Shapes(probe_shapes(model, values, feeds) if values else {}))
+        state.interleaved = interleaved
         folded = [v for s in sites for v in folded_tables(s)]
         if folded:
             state.tables = probe_values(model, folded, feeds)

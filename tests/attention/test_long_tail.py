@@ -30,6 +30,8 @@ CASES = {
     "deberta": {"rules": {"fuse-attention": {"split-folded-heads": 2}}},
     # gelu_pytorch_tanh below opset 20, where no exporter writes ONNX Gelu
     "gemma": {"opset": 18},
+    # GPT-J's interleaved partial rotary (8 of 16 dims), rotated as [B, S, N, D]
+    "gptj": {"rules": {"fuse-rotary": {"rotary-interleaved": 4}}},
     # RoPE; a static export folds cos/sin into constants, read by their values
     "llama": {"rules": {"fuse-rotary": {"rotary-embedding": 4}}},
     # soft-capped attention (ONNX Attention's softcap) with sliding-window layers; the final

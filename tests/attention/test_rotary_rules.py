@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from txcompile.passes.attention.rotary import FuseRotary, RotaryRule
 
-from .graphs import max_diff, op_types, run_pass
+from .graphs import checked_model, max_diff, op_types, run_pass
 from .test_rotary import HEAD_DIM, HEADS, rope_block, rope_feeds
 
 KEYS = {"site", "rule", "status", "op", "reason"}
@@ -164,3 +164,112 @@ def test_folded_tables_with_a_rotation_read_elsewhere_are_refused():
     (site,) = tx_pass.details["sites"]
     assert site["reason"] == "an intermediate value has another consumer"
     assert max_diff(model, fused, _static_feeds()) == 0
+
+
+# rotary-interleaved: GPT-J's rotate_every_two over repeat_interleave'd half tables ---------------
+
+BIG = 2**63 - 1
+
+
+def interleaved_rope(*, repeated: bool = True, extra_output: str | None = None) -> onnx.ModelProto:
+    """x [B, S, heads, D] (rotated before the heads move, as GPT-J does), angles [B, S, D/2] →
+    x·cos + rotate_every_two(x)·sin, then Neg; ``repeated=False`` builds cos/sin as
+    Cos/Sin(Concat(θ, θ)), the half-split layout, which this rule does not read."""
+    consts = {
+        "one": [1],
+        "zero": [0],
+        "big": [BIG],
+        "last": [-1],
+        "two": [2],
+        "heads_axis": [2],
+        "pair": [1, 1, 1, 1, 2],
+        "flat": [0, 0, 0, -1],
+    }
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in consts.items()]
+    nodes = []
+    for trig in ("Cos", "Sin"):
+        name = trig.lower()
+        if repeated:
+            nodes += [
+                helper.make_node(trig, ["angles"], [f"{name}_h"]),
+                helper.make_node("Unsqueeze", [f"{name}_h", "heads_axis"], [f"{name}_h4"]),
+                helper.make_node("Unsqueeze", [f"{name}_h4", "last"], [f"{name}_h5"]),
+                helper.make_node("Expand", [f"{name}_h5", "pair"], [f"{name}_pairs"]),
+                helper.make_node("Reshape", [f"{name}_pairs", "flat"], [name]),
+            ]
+        else:
+            nodes += [
+                helper.make_node("Concat", ["angles", "angles"], [f"{name}_theta"], axis=-1),
+                helper.make_node(trig, [f"{name}_theta"], [f"{name}_full"]),
+                helper.make_node("Unsqueeze", [f"{name}_full", "heads_axis"], [name]),
+            ]
+    nodes += [
+        helper.make_node("Slice", ["x", "one", "big", "last", "two"], ["odd"]),
+        helper.make_node("Slice", ["x", "zero", "big", "last", "two"], ["even"]),
+        helper.make_node("Neg", ["odd"], ["neg_odd"]),
+        helper.make_node("Unsqueeze", ["neg_odd", "last"], ["neg_odd5"]),
+        helper.make_node("Unsqueeze", ["even", "last"], ["even5"]),
+        helper.make_node("Concat", ["neg_odd5", "even5"], ["pairs"], axis=-1),
+        helper.make_node("Reshape", ["pairs", "flat"], ["rotated"]),
+        helper.make_node("Mul", ["x", "cos"], ["x_cos"]),
+        helper.make_node("Mul", ["rotated", "sin"], ["rotated_sin"]),
+        helper.make_node("Add", ["x_cos", "rotated_sin"], ["embedded"]),
+        helper.make_node("Neg", ["embedded"], ["y"]),
+    ]
+    shape = ["batch", "seq", HEADS, HEAD_DIM]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
+    if extra_output:
+        outputs.append(
+            helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, [*shape[:3], HEAD_DIM // 2, 2])
+        )
+    graph = helper.make_graph(
+        nodes,
+        "interleaved",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("angles", TensorProto.FLOAT, ["batch", "seq", HEAD_DIM // 2]),
+        ],
+        outputs,
+        inits,
+    )
+    return checked_model(graph)
+
+
+def _interleaved_feeds(batch: int = 2, seq: int = 5):
+    rng = np.random.default_rng(batch * 10 + seq)
+    return {
+        "x": rng.standard_normal((batch, seq, HEADS, HEAD_DIM)).astype(np.float32),
+        "angles": rng.uniform(-3, 3, (batch, seq, HEAD_DIM // 2)).astype(np.float32),
+    }
+
+
+def test_interleaved_rope_becomes_rotary_embedding_interleaved():
+    model = interleaved_rope()
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=_interleaved_feeds())
+    (site,) = [s for s in tx_pass.details["sites"] if s["rule"] == "rotary-interleaved"]
+    assert (site["status"], site["op"]) == ("fused", "RotaryEmbedding")
+    (node,) = [n for n in fused.graph.node if n.op_type == "RotaryEmbedding"]
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute} == {
+        "interleaved": 1,
+        "num_heads": HEADS,
+    }
+    assert _tags(fused)["RotaryEmbedding"] == "rotary-interleaved"
+    assert max_diff(model, fused, _interleaved_feeds(batch=3, seq=7)) < 1e-5  # other sizes too
+
+
+def test_interleaved_rotation_over_half_split_tables_is_refused():
+    model = interleaved_rope(repeated=False)
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=_interleaved_feeds())
+    (site,) = [s for s in tx_pass.details["sites"] if s["rule"] == "rotary-interleaved"]
+    assert (
+        site["status"] == "unfused" and site["reason"] == "cos/sin are not repeat_interleave of half tables"
+    )
+    assert "RotaryEmbedding" not in op_types(fused)
+
+
+def test_interleaved_pairs_read_elsewhere_are_refused():
+    model = interleaved_rope(extra_output="pairs")
+    tx_pass, fused = run_pass(FuseRotary, model, context_feeds=_interleaved_feeds())
+    (site,) = [s for s in tx_pass.details["sites"] if s["rule"] == "rotary-interleaved"]
+    assert site["reason"] == "an intermediate value has another consumer"
+    assert max_diff(model, fused, _interleaved_feeds()) == 0

@@ -58,8 +58,10 @@ def onnxscript_fused(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, st
     """onnxscript's ORT fusions, or None and why (they raise or emit graphs ORT cannot load)."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the fusions would edit the proto the IR model was read from
     try:
-        fused, counts = optimize_for_ort(ir.serde.deserialize_model(model))
+        fused, counts = optimize_for_ort(ir.serde.deserialize_model(copy))
         proto = ir.serde.serialize_model(fused)
         rt.create_session(proto)
     except Exception as err:  # reported, not fatal: the table shows what ran
@@ -74,6 +76,51 @@ def ours(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, str]:
         raise SystemExit("txcompile's graph failed verification")
     fused = {k: v for k, v in outcome.report["ops"]["after"].items() if k.startswith("com.microsoft")}
     return outcome.model, ", ".join(f"{k.split('.')[-1]}×{v}" for k, v in fused.items())
+
+
+def compare(
+    console: Console, candidates: list, plain: onnx.ModelProto, dims_list: list[dict], title: str, args
+) -> list:
+    """Time ``candidates`` ((name, model, what)) interleaved at each dims, print the table, return
+    its rows; the first candidate is the baseline every other is checked against (1e-3)."""
+    for name, _, what in candidates:
+        console.print(f"{name}: {what}")
+    sessions = [(name, rt.create_session(model, threads=args.threads)) for name, model, _ in candidates]
+    specs = model_inputs.read_specs(plain)
+    table = Table(title=title, show_edge=False)
+    columns = ("batch", "seq", "graph", "median ms", "p90 ms", "vs plain", "vs onnxscript (per-round range)")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "graph" else "right")
+    rows = []
+    for dims in dims_list:
+        feeds = model_inputs.make_feeds(specs, dims)
+        reference = rt.run(sessions[0][1], feeds)
+        for (name, session), (_, model, _) in zip(sessions[1:], candidates[1:], strict=True):
+            diff = rt.max_abs_diff(reference, rt.run(session, feeds), rt.padded_rows(model, feeds))
+            if not diff <= 1e-3:
+                console.print(f"warning: {name} differs from the plain export by {diff:.3g} at {dims}")
+        timings = benchmark.bench(
+            sessions, feeds, dims, warmup=args.warmup, iters=args.iters, per_block=args.per_block
+        )
+        theirs = next((t for t in timings if t.model.startswith("onnxscript")), None)
+        for timing in timings:
+            rows.append(dataclasses.asdict(timing))
+            versus = ""
+            if theirs is not None and timing.model.startswith("txcompile"):
+                middle, low, high = benchmark.paired_speedup(theirs, timing)
+                versus = f"{middle:.3f}× ({low:.2f}–{high:.2f})"
+                rows[-1]["vs_onnxscript"] = [middle, low, high]
+            table.add_row(
+                str(dims["batch"]),
+                str(dims["seq"]),
+                timing.model,
+                f"{timing.median_ms:.2f}",
+                f"{timing.p90_ms:.2f}",
+                f"{timing.paired_speedup:.2f}×",
+                versus,
+            )
+    console.print(table)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,45 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.remove_padding:  # zeros at padded positions: compared on real tokens only
         unpadded, _ = ours(plain, remove_padding=True)
         candidates.append(("txcompile --remove-padding", unpadded, "per-token work on real tokens only"))
-    for name, _, what in candidates:
-        console.print(f"{name}: {what}")
-    sessions = [(name, rt.create_session(model, threads=args.threads)) for name, model, _ in candidates]
-    specs = model_inputs.read_specs(plain)
-    table = Table(title=f"BERT ({args.exporter}), ORT CPU, {args.threads} threads", show_edge=False)
-    columns = ("batch", "seq", "graph", "median ms", "p90 ms", "vs plain", "vs onnxscript (per-round range)")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "graph" else "right")
-    rows = []
-    for batch in batches:
-        for seq in seqs:
-            dims = {"batch": batch, "seq": seq}
-            feeds = model_inputs.make_feeds(specs, dims)
-            reference = rt.run(sessions[0][1], feeds)
-            for (name, session), (_, model, _) in zip(sessions[1:], candidates[1:], strict=True):
-                diff = rt.max_abs_diff(reference, rt.run(session, feeds), rt.padded_rows(model, feeds))
-                if not diff <= 1e-3:
-                    console.print(f"warning: {name} differs from the plain export by {diff:.3g} at {dims}")
-            timings = benchmark.bench(
-                sessions, feeds, dims, warmup=args.warmup, iters=args.iters, per_block=args.per_block
-            )
-            theirs = next((t for t in timings if t.model.startswith("onnxscript")), None)
-            for timing in timings:
-                rows.append(dataclasses.asdict(timing))
-                versus = ""
-                if theirs is not None and timing.model.startswith("txcompile"):
-                    middle, low, high = benchmark.paired_speedup(theirs, timing)
-                    versus = f"{middle:.3f}× ({low:.2f}–{high:.2f})"
-                    rows[-1]["vs_onnxscript"] = [middle, low, high]
-                table.add_row(
-                    str(batch),
-                    str(seq),
-                    timing.model,
-                    f"{timing.median_ms:.2f}",
-                    f"{timing.p90_ms:.2f}",
-                    f"{timing.paired_speedup:.2f}×",
-                    versus,
-                )
-    console.print(table)
+    dims = [{"batch": batch, "seq": seq} for batch in batches for seq in seqs]
+    title = f"BERT ({args.exporter}), ORT CPU, {args.threads} threads"
+    rows = compare(console, candidates, plain, dims, title, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": args.threads, "timings": rows}, indent=2))
     return 0

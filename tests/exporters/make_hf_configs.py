@@ -123,6 +123,21 @@ CONFIGS = {
         },
         "Gemma2ForCausalLM",
     ),
+    # interleaved (rotate_every_two) partial rotary, applied before the heads move
+    "gptj": (
+        tf.GPTJConfig,
+        {
+            "vocab_size": 1000,
+            "n_positions": 128,
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "rotary_dim": 8,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        "GPTJForCausalLM",
+    ),
     "vit": (
         tf.ViTConfig,
         {**BERT_LIKE, "image_size": 32, "patch_size": 8, "num_channels": 3},
