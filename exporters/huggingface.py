@@ -92,13 +92,14 @@ def load_hf_folder(
         model.config.use_cache = False
     model.config.return_dict = True
     inputs, dims = _input_specs(model, source)
+    dims, window = _beyond_window(model.config, dims), _window(model.config)
     metadata = _task_metadata(folder, model.config, chosen, transformers, source, warnings)
     if chosen is not None and chosen.name == "text-generation":
         wrapper, inputs, outputs, dims = decoder.with_past(model, inputs, dims, source)
         limit = _limit(model.config, "max_position_embeddings", "n_positions")
         settings = decoder.generation(model, limit if limit < 1 << 20 else None)
         metadata[task_metadata.GENERATION_KEY] = settings.to_json()
-        return TorchModel(wrapper, inputs, outputs, source, dims, warnings, metadata)
+        return TorchModel(wrapper, inputs, outputs, source, dims, warnings, metadata, window)
     if chosen is not None and chosen.name == "question-answering":
         inputs += _segment_ids(model)  # the context's tokens are segment 1
     call_kwargs = _call_kwargs(model)
@@ -111,7 +112,7 @@ def load_hf_folder(
         outputs = ["sentence_embedding"]
     else:
         wrapper = tasks.TaskOutputs(model, names, tuple(outputs), call_kwargs)
-    return TorchModel(wrapper.eval(), inputs, outputs, source, dims, warnings, metadata)
+    return TorchModel(wrapper.eval(), inputs, outputs, source, dims, warnings, metadata, window)
 
 
 def _transformers(source: str):
@@ -209,6 +210,32 @@ def _segment_ids(model: nn.Module) -> list[InputSpec]:
     if types < 2 or "token_type_ids" not in inspect.signature(model.forward).parameters:
         return []
     return [InputSpec("token_type_ids", "int64", ("batch", "seq"), "ids", 0, types)]
+
+
+WINDOW_VERIFY_LIMIT = 512  # longest verification sequence chosen to pass a sliding window
+
+
+def _beyond_window(config, dims: dict[str, int]) -> dict[str, int]:
+    """A sliding-window model (Mistral, Gemma 2/3, ModernBERT's local layers) is verified past
+    its window, where the window changes what a token sees, when that is cheap (api.export says
+    so when it is not)."""
+    window = _window(config)
+    if window is None or "seq" not in dims or dims["seq"] > window:
+        return dims
+    limit = _limit(config, "max_position_embeddings", "n_positions")
+    return {**dims, "seq": window + 8} if window + 8 <= min(WINDOW_VERIFY_LIMIT, limit) else dims
+
+
+def _window(config) -> int | None:
+    """The sliding window the config attends with, if any (of the text model, for multimodal)."""
+    for part in (config, getattr(config, "text_config", None)):
+        if part is None or getattr(part, "use_sliding_window", True) is False:
+            continue
+        for name in ("sliding_window", "local_attention"):
+            value = getattr(part, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 def _limit(config, *names: str) -> int:

@@ -34,6 +34,7 @@ class TorchModel:
     dims: dict[str, int] = dataclasses.field(default_factory=lambda: {"batch": 2, "seq": 16})
     warnings: list[str] = dataclasses.field(default_factory=list)
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # written into the graph
+    window: int | None = None  # the sliding window it attends with: verification should pass it
 
     @property
     def input_names(self) -> list[str]:

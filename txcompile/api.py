@@ -102,6 +102,12 @@ def export(
     dims = model_inputs.dims_from_shapes(
         torch_model.inputs, list(input_shapes), {**torch_model.dims, **(dims or {})}
     )
+    window = torch_model.window
+    if window is not None and 0 < dims.get("seq", 0) <= window:
+        torch_model.warnings.append(
+            f"{torch_model.source}: verification runs {dims['seq']} tokens, inside the {window}-token "
+            f"sliding window; --seq {window + 8} verifies past it"
+        )
     result = exporters.export_onnx(torch_model, opset=opset, exporter=exporter, dims=dims, dynamic=dynamic)
     return torch_model, result, dims
 

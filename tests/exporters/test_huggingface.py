@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from txcompile import api
 from txcompile.exporters import export_onnx, load_model_spec
 from txcompile.graph.errors import TxError
 
@@ -83,3 +84,30 @@ def test_checkpoint_missing_head_and_unknown_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["MyOwnBert"]}))
     model = load_model_spec(str(tmp_path))
     assert model.warnings == ["transformers has no MyOwnBert: using BertModel"]
+
+
+def _windowed(tmp_path, window: int):
+    config = json.loads((HF_DATA / "gemma2" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": window}))
+    return tmp_path
+
+
+def test_a_short_sliding_window_is_verified_past(tmp_path):
+    """Gemma 2 attends within 24 tokens on alternate layers: verification runs 32, past it."""
+    torch_model, result, dims = api.export(_windowed(tmp_path, 24), task="feature-extraction")
+    assert torch_model.window == 24 and dims["seq"] == 32
+    assert not [w for w in torch_model.warnings if "sliding window" in w]
+    compiled = api.compile_exported(torch_model, result, api.settings(dims=dims, attention_op="onnx"))
+    assert compiled.report["verification"]["inputs"]["input_ids"]["shape"] == [2, 32]
+    assert compiled.passed
+
+
+def test_a_long_sliding_window_is_said_unless_seq_passes_it(tmp_path):
+    folder = _windowed(tmp_path, 600)  # past the 512 tokens verification goes to by itself
+    torch_model, _, dims = api.export(folder, task="feature-extraction")
+    assert dims["seq"] == 16
+    said = f"{folder}: verification runs 16 tokens, inside the 600-token sliding window"
+    said += "; --seq 608 verifies past it"
+    assert said in torch_model.warnings
+    torch_model, _, _ = api.export(folder, task="feature-extraction", dims={"seq": 608})
+    assert not [w for w in torch_model.warnings if "sliding window" in w]
