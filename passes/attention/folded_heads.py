@@ -18,7 +18,13 @@ import onnx_ir as ir
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import shape_axes
 from txcompile.graph.probe import Shapes
-from txcompile.passes.attention.sites import SCORE_OPS, SEARCH_DEPTH, _single_use, scalar_constant
+from txcompile.passes.attention.sites import (
+    SCORE_OPS,
+    SEARCH_DEPTH,
+    _reaches_matmul,
+    _single_use,
+    scalar_constant,
+)
 
 RULE = "split-folded-heads"
 _FOLDED_OPS = ("Add", "Mul", "Div")  # what may sit between the folded Q·Kᵀ and the view
@@ -244,13 +250,8 @@ def _reader(value: ir.Value) -> ir.Node | None:
     return readers[0] if len(readers) == 1 and not value.is_graph_output() else None
 
 
-def _product_above(value: ir.Value | None, depth: int = SEARCH_DEPTH) -> bool:
-    producer = value.producer() if value is not None else None
-    if producer is None or depth == 0:
-        return False
-    if producer.op_type == "MatMul":
-        return True
-    return producer.op_type in _FOLDED_OPS and any(_product_above(v, depth - 1) for v in producer.inputs)
+def _product_above(value: ir.Value | None) -> bool:
+    return _reaches_matmul(value, through=_FOLDED_OPS)
 
 
 def _view_above(value: ir.Value | None, depth: int = SEARCH_DEPTH) -> bool:

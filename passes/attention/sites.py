@@ -91,16 +91,16 @@ def _single_use(value: ir.Value) -> bool:
     return len(value.uses()) == 1 and not value.is_graph_output()
 
 
-def _reaches_matmul(value: ir.Value | None, depth: int = SEARCH_DEPTH) -> bool:
-    """Whether a MatMul lies above ``value`` through elementwise ops only."""
+def _reaches_matmul(value: ir.Value | None, depth: int = SEARCH_DEPTH, through=ELEMENTWISE) -> bool:
+    """Whether a MatMul lies above ``value`` through ``through`` ops only (elementwise ops)."""
     producer = value.producer() if value is not None else None
     if producer is None or depth == 0:
         return False
     if producer.op_type == "MatMul":
         return True
-    if producer.op_type not in ELEMENTWISE:
+    if producer.op_type not in through:
         return False
-    return any(_reaches_matmul(v, depth - 1) for v in producer.inputs)
+    return any(_reaches_matmul(v, depth - 1, through) for v in producer.inputs)
 
 
 def _strip_scales(value: ir.Value) -> tuple[ir.Value, float]:
