@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from txcompile import compiler, pipelines, report
 from txcompile.graph import inputs as model_inputs
@@ -34,11 +35,22 @@ __all__ = ["Compiled", "compile", "load", "optimize"]
 class Compiled:
     """An optimized model with its pass report; ``passed`` is None when nothing was verified."""
 
-    model: onnx.ModelProto
-    report: dict[str, Any]
-    passed: bool | None
+    outcome: compiler.Outcome
     export: Any = None  # the ExportResult of compile(), None for optimize()
     reads: tuple[Path, ...] = ()  # files the result was made from: never replaced by save()
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The optimized model, weights in memory (read on first use; ``save`` streams them)."""
+        return self.outcome.model
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.outcome.report
+
+    @property
+    def passed(self) -> bool | None:
+        return self.outcome.passed
 
     def save(self, path: str | os.PathLike, *, strict: bool = False) -> Path:
         """The model, its external data and its report, written together; ``strict`` raises
@@ -47,7 +59,7 @@ class Compiled:
         outputs = [path, path.with_name(path.name + ".data"), report.report_path(path)]
         writes.check_outputs(outputs, list(self.reads))
         self.report["output"] = str(path)
-        compiler.write(compiler.Outcome(self.model, self.report, self.passed), path)
+        compiler.write(self.outcome, path)
         if strict and self.passed is False:
             check = self.report["verification"]
             raise VerificationError(f"max diff {check['max_diff']:.3g} exceeds atol {check['atol']:g}")
@@ -131,7 +143,7 @@ def compile_exported(torch_model, result, config: compiler.Settings, *, output: 
         warnings=[*torch_model.warnings, *result.warnings],
     )
     reads = tuple(_exporters().spec_files(torch_model.source))
-    return Compiled(outcome.model, outcome.report, outcome.passed, result, reads)
+    return Compiled(outcome, result, reads)
 
 
 def compile(
@@ -169,7 +181,7 @@ def optimize(
     if isinstance(model, onnx.ModelProto):
         proto, source = model, "<ModelProto>"
     else:
-        proto, files = modelio.load_model_and_files(model)
+        proto, files = modelio.load_model_and_files(model, check=False)  # checked in the workspace
         source, reads = str(model), tuple(files)
     dims = _dims(batch, seq)
     config = settings(target=target, dims=dims, precision=precision, **options)
@@ -177,10 +189,10 @@ def optimize(
 
 
 def optimize_model(
-    proto: onnx.ModelProto, config: compiler.Settings, *, source: str, output: str = "", reads=()
+    model: onnx.ModelProto | ir.Model, config: compiler.Settings, *, source: str, output: str = "", reads=()
 ) -> Compiled:
-    outcome = compiler.optimize(proto, config, source=source, output=output)
-    return Compiled(outcome.model, outcome.report, outcome.passed, None, tuple(reads))
+    outcome = compiler.optimize(model, config, source=source, output=output)
+    return Compiled(outcome, None, tuple(reads))
 
 
 def load(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None) -> LoadedModel:

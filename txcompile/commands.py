@@ -86,7 +86,7 @@ def export(args) -> int:
 
 
 def _finish(outcome: api.Compiled, output: Path, strict: bool = False) -> int:
-    report_file = compiler.write(outcome, output)
+    report_file = compiler.write(outcome.outcome, output)
     render.print_report(outcome.report, console)
     console.print(f"wrote {output} and {report_file}")
     unfused = [s for s in render.attention_coverage(outcome.report) if s["status"] != "fused"]
@@ -107,10 +107,12 @@ def optimize(args) -> int:
     output, given = Path(args.output), [args.model, args.inputs, args.calib]
     writes.check_outputs(_model_outputs(output), given)
     pipelines.pass_names(args.target, args.passes, args.disable_pass)
-    model, model_files = modelio.load_model_and_files(args.model)
+    model, model_files = modelio.load_model_and_files(args.model, check=False)  # checked in the workspace
     writes.check_outputs(_model_outputs(output), [*model_files, *given[1:]])
     dims = model_inputs.dims_from_shapes(model_inputs.read_specs(model), args.input_shape, _base_dims(args))
-    outcome = api.optimize_model(model, _settings(args, dims), source=args.model, output=str(output))
+    source = modelio.to_ir(model, args.model)
+    del model  # its weights move into the run's workspace; the proto is freed as they do
+    outcome = api.optimize_model(source, _settings(args, dims), source=args.model, output=str(output))
     return _finish(outcome, output, strict=getattr(args, "strict", False))
 
 

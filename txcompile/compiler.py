@@ -1,12 +1,15 @@
 """The main job as functions: optimize an ONNX model, or export a PyTorch model and optimize it.
 
 Both end the same way: the final model is checked against its reference (the input graph, or
-PyTorch when we exported it) and written atomically beside its report.
+PyTorch when we exported it) and written atomically beside its report. The weights are
+written once into a workspace (graph/workspace.py) that every pass, check and session of the
+run shares, and stay there until the outcome is written or dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +20,9 @@ import onnx_ir as ir
 
 from txcompile import pipelines, report
 from txcompile.graph import inputs as model_inputs
-from txcompile.graph import modelio, writes
+from txcompile.graph import modelio, workspace, writes
 from txcompile.graph import ort as rt
-from txcompile.graph.errors import TxError
+from txcompile.graph.errors import TxError, one_line
 from txcompile.graph.nodes import op_histogram
 from txcompile.pass_manager import PassManager, PipelineResult
 from txcompile.passes.base import PassContext
@@ -43,9 +46,15 @@ class Settings:
 
 @dataclasses.dataclass
 class Outcome:
-    model: onnx.ModelProto
+    final: ir.Model  # its weights live in ``space``
     report: dict[str, Any]
     passed: bool | None
+    space: workspace.Workspace | None = None
+
+    @functools.cached_property
+    def model(self) -> onnx.ModelProto:
+        """The final model as a stand-alone proto, its weights read into memory."""
+        return ir.serde.serialize_model(workspace.in_memory(self.final))
 
 
 def verification_feeds(model: onnx.ModelProto, settings: Settings) -> dict[str, np.ndarray]:
@@ -56,7 +65,7 @@ def verification_feeds(model: onnx.ModelProto, settings: Settings) -> dict[str, 
 
 
 def optimize(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | ir.Model,
     settings: Settings,
     *,
     source: str,
@@ -65,8 +74,25 @@ def optimize(
     torch_reference=None,
     warnings: list[str] | None = None,
 ) -> Outcome:
-    """Run the target's pipeline; judge the result against PyTorch if given, else the input."""
+    """Run the target's pipeline; judge the result against PyTorch if given, else the input.
+    An ``ir.Model`` given is adopted: its weights move into the run's workspace."""
+    space = workspace.Workspace()
+    try:
+        with space.active():
+            return _optimize(model, settings, space, source, output, export, torch_reference, warnings)
+    except BaseException:
+        space.close()
+        raise
+
+
+def _optimize(model, settings: Settings, space, source, output, export, torch_reference, warnings):
     device = pipelines.device_for(settings.target)
+    source_ir = model if isinstance(model, ir.Model) else modelio.to_ir(model, source)
+    try:  # the input, its weights now referenced in the workspace
+        model = space.proto(source_ir)
+    except ValueError as err:  # a tensor whose data does not fit its shape
+        raise TxError(f"{source}: invalid ONNX model: {one_line(err)}") from None
+    modelio.check(space.file(model), source)
     names = pipelines.pass_names(settings.target, settings.passes, settings.disable)
     sparsity = settings.flags.get("sparsity") is not None
     names = pipelines.with_sparsity(names, sparsity, bool(settings.passes), settings.disable)
@@ -75,7 +101,7 @@ def optimize(
         _check_runs(model, feeds, device)
     else:
         with rt.refusal("the input model"):  # it must load, or the final model cannot be judged
-            rt.create_session(model, device)
+            rt.create_session(model, device, prepack=False)
     context = PassContext(settings.target, device, feeds, dict(settings.flags))
     manager = PassManager(
         pipelines.build(names, context),
@@ -84,13 +110,13 @@ def optimize(
         verify=settings.verify,
         debug=settings.debug,
     )
-    result = manager.run(model, feeds)
-    final = result.model
+    result = manager.run(source_ir, feeds)
+    final = space.proto(result.ir_model)
     verification = _verification(final, result, feeds, settings, device, torch_reference)
     if settings.verify and _is_decoder(final):
         _verify_steps(verification, model, final, settings, device, torch_reference)
-    ops_before = op_histogram(ir.serde.deserialize_model(model))
-    ops_after = op_histogram(ir.serde.deserialize_model(final))
+    ops_before = op_histogram(source_ir)
+    ops_after = op_histogram(result.ir_model)
     built = report.build(
         source=source,
         output=output,
@@ -103,12 +129,12 @@ def optimize(
         export=export,
         warnings=warnings,
     )
-    return Outcome(final, built, verification.get("passed"))
+    return Outcome(result.ir_model, built, verification.get("passed"), space)
 
 
 def _check_runs(model: onnx.ModelProto, feeds, device: str) -> None:
     try:
-        rt.run(rt.create_session(model, device), feeds)
+        rt.run(rt.create_session(model, device, prepack=False), feeds)
     except Exception as err:
         raise TxError(f"the input model does not run in onnxruntime ({device}): {rt.ort_line(err)}") from None
 
@@ -124,7 +150,7 @@ def _verification(final, result: PipelineResult, feeds, settings: Settings, devi
         "exact": result.exact,
     }
     if not settings.verify:
-        rt.create_session(final, device)  # the final model must at least load
+        rt.create_session(final, device, prepack=False)  # the final model must at least load
         return info
     outputs = result.final_outputs
     reference = torch_reference(feeds) if torch_reference is not None else result.reference_outputs
@@ -143,8 +169,8 @@ def _is_decoder(model: onnx.ModelProto) -> bool:
 def _verify_steps(info: dict, model, final, settings: Settings, device: str, torch_reference) -> None:
     """A decoder is also judged as it is used: a padded prefill, then decode steps that feed
     the present keys/values back as the past (against PyTorch, else the input model)."""
-    session = rt.create_session(final, device)
-    reference_session = rt.create_session(model, device) if torch_reference is None else None
+    session = rt.create_session(final, device, prepack=False)
+    reference_session = rt.create_session(model, device, prepack=False) if torch_reference is None else None
 
     def reference(feeds):
         return torch_reference(feeds) if reference_session is None else rt.run(reference_session, feeds)
@@ -168,7 +194,7 @@ def write(outcome: Outcome, output: str | Path) -> Path:
     output = Path(output)
     path = report.report_path(output)
     with writes.transaction(output.parent) as staging:
-        modelio.stage_model(outcome.model, staging, output.name)
+        modelio.stage_ir(outcome.final, staging, output.name)
         model_files = sorted(p for p in staging.path.iterdir() if p.name.startswith(output.name))
         outcome.report["files"] = {p.name: writes.digest(p) for p in model_files}
         staging.file(path.name).write_text(report.dumps(outcome.report), encoding="utf-8")

@@ -1,7 +1,8 @@
 """The checks around every pass, as instruments (after TVM's pass instruments).
 
-The pass manager runs each pass on one IR copy of the last accepted model, serializes the
-result once and hands that candidate to every instrument in turn. An instrument may veto it
+The pass manager runs each pass on one IR clone of the last accepted model, serializes the
+result once (its weights as references into the run's workspace) and hands that candidate to
+every instrument in turn. An instrument may veto it
 with a reason — the pass is then rolled back — and hears when a candidate is accepted, so
 checks that compare against "the model before" keep their own state. Adding a check to every
 pass is adding an instrument, not editing the manager.
@@ -13,7 +14,7 @@ import numpy as np
 import onnx
 
 from txcompile.graph import ort as rt
-from txcompile.graph import size
+from txcompile.graph import size, workspace
 from txcompile.graph.errors import one_line
 
 
@@ -32,11 +33,14 @@ class Instrument:
 
 
 class OnnxChecker(Instrument):
-    """The ONNX checker (skipped above protobuf's 2 GiB: it cannot read such a model in memory)."""
+    """The ONNX checker; on the candidate's file in the workspace, where its weights are (in
+    memory only a model under protobuf's 2 GiB could be checked)."""
 
     def after(self, candidate, exact, record):
         try:
-            if size.fits_in_protobuf(candidate):
+            if (active := workspace.current()) is not None:
+                onnx.checker.check_model(str(active.file(candidate)))
+            elif size.fits_in_protobuf(candidate):
                 onnx.checker.check_model(candidate)
         except Exception as err:
             return f"fails the ONNX checker: {one_line(err)}"
@@ -53,11 +57,13 @@ class NumericDrift(Instrument):
         self._pending: dict[str, np.ndarray] | None = None
 
     def start(self, model):
-        self.reference = self.outputs = rt.run(rt.create_session(model, self.device), self.feeds)
+        self.reference = self.outputs = rt.run(
+            rt.create_session(model, self.device, prepack=False), self.feeds
+        )
 
     def after(self, candidate, exact, record):
         try:
-            self._pending = rt.run(rt.create_session(candidate, self.device), self.feeds)
+            self._pending = rt.run(rt.create_session(candidate, self.device, prepack=False), self.feeds)
         except Exception as err:
             return f"onnxruntime ({self.device}) cannot run it: {one_line(err)}"
         record.max_diff = rt.max_abs_diff(self.outputs, self._pending, rt.padded_rows(candidate, self.feeds))

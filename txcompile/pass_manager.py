@@ -1,10 +1,12 @@
 """The instrumented pass manager: run, measure, verify, and roll back what breaks.
 
-Each pass runs on a fresh IR copy of the last accepted model; the manager times it, counts
-what it added and removed, tags the new nodes, and hands the serialized result to its
-instruments (instruments.py): the ONNX checker, then — when verifying — an onnxruntime run on
-the target device whose outputs an exact pass must match within ``atol``. A veto rolls the
-pass back and the report says why, so the final model always loads and runs.
+The pipeline holds one IR model. Each pass runs on a clone of the last accepted one (nodes
+and values copied, tensors shared, so a rollback is dropping the clone); the manager times
+it, counts what it added and removed, tags the new nodes, and hands the candidate, as a
+proto whose weights live in the run's workspace (graph/workspace.py), to its instruments
+(instruments.py): the ONNX checker, then — when verifying — an onnxruntime run on the target
+device whose outputs an exact pass must match within ``atol``. A veto rolls the pass back
+and the report says why, so the final model always loads and runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from txcompile.graph import workspace
 from txcompile.graph.errors import TxError, one_line
 from txcompile.graph.nodes import PASS_KEY, RULE_KEY, all_nodes, op_key
 from txcompile.instruments import Instrument, NumericDrift, OnnxChecker
@@ -48,14 +51,28 @@ class PassRecord:
 
 @dataclasses.dataclass
 class PipelineResult:
-    model: onnx.ModelProto
+    ir_model: ir.Model  # the final model; its weights may live in the run's workspace
     records: list[PassRecord]
     reference_outputs: dict[str, np.ndarray] | None
     final_outputs: dict[str, np.ndarray] | None
+    source: onnx.ModelProto | ir.Model | None = None
+    _proto: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
 
     @property
     def exact(self) -> bool:
         return all(r.exact for r in self.records if r.status == APPLIED)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The final model as a stand-alone proto, weights in memory (the input proto itself
+        when no pass applied)."""
+        if self._proto is None:
+            unchanged = all(r.status != APPLIED for r in self.records)
+            if unchanged and isinstance(self.source, onnx.ModelProto):
+                self._proto = self.source
+            else:
+                self._proto = ir.serde.serialize_model(workspace.in_memory(self.ir_model))
+        return self._proto
 
 
 class PassManager:
@@ -76,25 +93,39 @@ class PassManager:
         self.debug = debug
         self.extra_instruments = list(instruments)
 
-    def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> PipelineResult:
+    def run(self, model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> PipelineResult:
+        """Inside an active workspace the result's weights stay there (the caller writes the
+        model before leaving it); otherwise the run has its own and ``result.model`` is read
+        into memory before that one is removed."""
+        active = workspace.current()
+        if active is not None:
+            return self._run(model, feeds, active)
+        with workspace.Workspace() as own:
+            result = self._run(model, feeds, own)
+            result.model  # noqa: B018 -- the stand-alone proto, read while its weights exist
+            return result
+
+    def _run(self, source, feeds, space: workspace.Workspace) -> PipelineResult:
+        model = source.clone() if isinstance(source, ir.Model) else ir.serde.deserialize_model(source)
+        proto = space.proto(model)
         drift = NumericDrift(feeds, self.device, self.atol) if self.verify else None
         instruments = [OnnxChecker(), *([drift] if drift else []), *self.extra_instruments]
         for instrument in instruments:
-            instrument.start(model)
+            instrument.start(proto)
         records = []
         for tx_pass in self.passes:
-            record, candidate = self._run_one(tx_pass, model, instruments)
+            record, candidate = self._run_one(tx_pass, model, instruments, space)
             records.append(record)
             if record.status == APPLIED:
                 model = candidate
                 for instrument in instruments:
                     instrument.accept()
         reference, outputs = (drift.reference, drift.outputs) if drift else (None, None)
-        return PipelineResult(model, records, reference, outputs)
+        return PipelineResult(model, records, reference, outputs, source)
 
-    def _run_one(self, tx_pass: TxPass, model: onnx.ModelProto, instruments: list[Instrument]):
+    def _run_one(self, tx_pass: TxPass, model: ir.Model, instruments: list[Instrument], space):
         record = PassRecord(tx_pass.name, tx_pass.summary, tx_pass.exact)
-        working = ir.serde.deserialize_model(model)
+        working = model.clone()
         before = all_nodes(working)  # the node objects themselves: ids stay unique while held
         interface = [(v.name, v.type, v.shape) for v in working.graph.outputs]
         start = time.perf_counter()
@@ -119,13 +150,13 @@ class PassManager:
             node.metadata_props.setdefault(PASS_KEY, tx_pass.name)
             node.metadata_props.setdefault(RULE_KEY, tx_pass.name)
         _keep_interface(result.model.graph, interface)
-        candidate = ir.serde.serialize_model(result.model)
+        candidate = space.proto(result.model)
         for instrument in instruments:
             problem = instrument.after(candidate, tx_pass.exact, record)
             if problem:
                 return self._rolled_back(record, problem), None
         record.status = APPLIED
-        return record, candidate
+        return record, result.model
 
     def _rolled_back(self, record: PassRecord, reason: str, err: BaseException | None = None):
         record.status = ROLLED_BACK

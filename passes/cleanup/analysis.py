@@ -37,7 +37,7 @@ def observed_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
             if name and name not in known:
                 probe.graph.output.add(name=name)
                 known.add(name)
-    session = rt.create_session(probe, optimize=False)
+    session = rt.create_session(probe, optimize=False, prepack=False)
     outputs = rt.run(session, feeds)
     shapes = {name: tuple(np.shape(v)) for name, v in outputs.items()}
     shapes.update({name: tuple(v.shape) for name, v in feeds.items()})

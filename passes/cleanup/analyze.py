@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from txcompile.graph import workspace
 from txcompile.graph.nodes import op_histogram
 from txcompile.passes.base import TxPass
 from txcompile.passes.cleanup import analysis
@@ -14,7 +15,7 @@ class Analyze(TxPass):
     summary = "record parameters, op histogram and FLOPs per op type (at the verification shapes)"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        proto = ir.serde.serialize_model(model)
+        proto = workspace.serialize(model)
         self.details = {**analysis.parameter_counts(proto), "ops": op_histogram(model)}
         if self.context.feeds:
             flops = analysis.flops_by_op(proto, self.context.feeds)

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from txcompile.graph import inputs as model_inputs
+from txcompile.graph import workspace
 from txcompile.graph.errors import TxError
 
 
@@ -15,10 +16,10 @@ def feed_sets(model: ir.Model, feeds: dict[str, np.ndarray], calib_path: str | N
     if not feeds:
         raise TxError("he-polynomial needs verification inputs to calibrate on")
     if calib_path:
-        proto = ir.serde.serialize_model(model)
+        proto = workspace.serialize(model)
         specs = model_inputs.read_specs(proto)
         return _chunks(model, model_inputs.load_npz(calib_path, specs)), [feeds]
-    proto = ir.serde.serialize_model(model)
+    proto = workspace.serialize(model)
     specs = model_inputs.read_specs(proto)
     first = next(iter(feeds.values()))
     dims = {"batch": first.shape[0]}

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from txcompile.graph import ort as rt
+from txcompile.graph import workspace
 from txcompile.graph.errors import TxError
 from txcompile.passes.base import TxPass
 from txcompile.passes.rules import FUSED, UNFUSED, SiteRecord
@@ -67,7 +68,7 @@ class Prune(TxPass):
         if self.sparsity is None:
             raise TxError("prune needs a target: --sparsity 0.9")
         sparsity = blocks.parse_sparsity(self.sparsity)
-        before = ir.serde.serialize_model(model) if self.context.feeds else None
+        before = workspace.serialize(model) if self.context.feeds else None
         linears = find_linears(model.graph)
         norms: dict[str, np.ndarray] = {}
         calibrated_on = None
@@ -90,7 +91,7 @@ class Prune(TxPass):
             "sites": _sites(layers, "neurons" if self.block.structured else f"blocks-{self.block}", linears),
         }
         if before is not None and zeroed:
-            self.details["accuracy"] = accuracy(before, ir.serde.serialize_model(model), self.context.feeds)
+            self.details["accuracy"] = accuracy(before, workspace.serialize(model), self.context.feeds)
         return ir.passes.PassResult(model, zeroed > 0)
 
     def _skip(self, linear: Linear) -> str | None:

@@ -27,6 +27,7 @@ import onnx
 import onnx_ir as ir
 
 from txcompile.graph import ort as rt
+from txcompile.graph import workspace
 from txcompile.graph.errors import TxError
 from txcompile.graph.nodes import MS_DOMAIN
 from txcompile.graph.probe import probe_values
@@ -80,7 +81,9 @@ class Quantize(TxPass):
         if self.precision == "int8" and opset < MIN_OPSET:
             self.details = {"precision": self.precision, "note": f"opset {opset} < {MIN_OPSET}: left fp32"}
             return ir.passes.PassResult(model, False)
-        original = ir.serde.serialize_model(model)
+        original = ir.serde.serialize_model(
+            workspace.in_memory(model)
+        )  # onnxruntime's quantizers read protos
         candidates = quantizable_matmuls(original)
         if not candidates:
             self.details = {"precision": self.precision, "note": "no MatMul/Gemm with a constant weight"}

@@ -133,12 +133,12 @@ def test_staging_without_a_pid_is_removed_once_stale(tmp_path):
 def test_a_full_disk_leaves_nothing(tmp_path, model, monkeypatch, capsys):
     from txcompile.graph import modelio
 
-    def full(proto, path, **kwargs):
+    def full(model, path, **kwargs):
         with open(path, "wb") as out:
-            out.write(proto.SerializeToString()[:10])
+            out.write(b"\x08\x09")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(modelio.onnx, "save", full)
+    monkeypatch.setattr(modelio.streamed, "save_inline", full)
     out = tmp_path / "out.onnx"
     assert cli.main(["optimize", str(model), "-o", str(out), "--passes", "analyze"]) == 2
     assert (

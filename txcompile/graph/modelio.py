@@ -16,7 +16,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import uses_external_data
 
-from txcompile.graph import size, writes
+from txcompile.graph import size, streamed, writes
 from txcompile.graph.errors import TxError, one_line
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # models this large keep their weights in a .data file
@@ -28,11 +28,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def load_model_and_files(
-    path: str | os.PathLike, *, weights: bool = True
+    path: str | os.PathLike, *, weights: bool = True, check: bool = True
 ) -> tuple[onnx.ModelProto, list[Path]]:
     """The model and every file it was read from: itself and its external data (so that no
     output may replace them). ``weights=False`` checks external data but leaves it on disk,
-    for callers that only read the graph and hand the path to onnxruntime."""
+    for callers that only read the graph and hand the path to onnxruntime. ``check=False``
+    leaves the ONNX checker of a model without external data to the caller (:func:`check`
+    on its workspace file: checking a proto in memory serializes it, every weight again)."""
     path = Path(path)
     if not path.exists():
         raise TxError(f"{path}: no such file")
@@ -53,11 +55,27 @@ def load_model_and_files(
             onnx.checker.check_model(str(path))
         if weights:
             onnx.load_external_data_for_model(model, str(path.parent))
-        if not data_files:
+        if not data_files and check:
             onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
         raise TxError(f"{path}: invalid ONNX model: {one_line(err)}") from None
     return model, [path, *data_files]
+
+
+def to_ir(model: onnx.ModelProto, source: str) -> ir.Model:
+    """``model`` in onnx_ir; a proto it cannot read is an invalid model, in one line."""
+    try:
+        return ir.serde.deserialize_model(model)
+    except (ir.serde.SerdeError, ValueError, TypeError) as err:
+        raise TxError(f"{source}: invalid ONNX model: {one_line(err)}") from None
+
+
+def check(path: str | os.PathLike, source: str) -> None:
+    """The ONNX checker on a model file (its external data stays on disk)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, OSError, ValueError) as err:
+        raise TxError(f"{source}: invalid ONNX model: {one_line(err)}") from None
 
 
 def _non_utf8_text(message, where: str) -> str | None:
@@ -153,6 +171,23 @@ def stage_model(model: onnx.ModelProto, staging: writes.Staging, name: str) -> P
         save_with_external_data(model, staged)
     else:
         onnx.save(model, staged)
+    return staged
+
+
+def stage_ir(model: ir.Model, staging: writes.Staging, name: str) -> Path:
+    """``stage_model`` for an onnx_ir model whose weights may be external (a workspace's):
+    streamed to ``name.data`` when over ~2 GB, else into one file (streamed.py)."""
+    staged = staging.file(name)
+    if size.ir_tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        ir.save(
+            model,
+            staged,
+            format="protobuf",
+            external_data=name + ".data",
+            size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+        )
+    else:
+        streamed.save_inline(model, staged)
     return staged
 
 

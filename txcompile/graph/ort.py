@@ -1,7 +1,9 @@
 """ONNX Runtime sessions per device, built from a ModelProto or a path.
 
-Models over the 2 GB protobuf limit are written to a temporary folder with external data
-and loaded from there, so every caller can hand over an in-memory model.
+Inside an active workspace (workspace.py) a proto is written to its folder and loaded from
+there, so the weights it references are mapped, not copied. Elsewhere, models over the 2 GB
+protobuf limit are written to a temporary folder with external data and loaded from there,
+so every caller can hand over an in-memory model.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from txcompile.graph import modelio, size
+from txcompile.graph import modelio, size, workspace
 from txcompile.graph.errors import TxError, one_line
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -79,9 +81,15 @@ def verbose_logs(on: bool) -> None:
     ort.set_default_logger_severity(_log_severity)
 
 
-def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None, optimize: bool = True, prepack: bool = True
+) -> ort.SessionOptions:
+    """``prepack=False`` for sessions that only check a model: prepacking keeps a second,
+    kernel-shaped copy of every MatMul weight, which pays off only over many runs."""
     options = ort.SessionOptions()
     options.log_severity_level = _log_severity
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -101,9 +109,13 @@ def check_device(device: str) -> list[str]:
 
 @contextlib.contextmanager
 def _loadable(model: onnx.ModelProto | str | os.PathLike) -> Iterator[str | bytes]:
-    """Bytes for small in-memory models, a temporary path with external data for large ones."""
+    """A path in the active workspace; else bytes for small in-memory models, a temporary path
+    with external data for large ones."""
     if not isinstance(model, onnx.ModelProto):
         yield os.fspath(model)
+        return
+    if (active := workspace.current()) is not None:
+        yield str(active.file(model))
         return
     if size.fits_in_protobuf(model):
         yield model.SerializeToString()
@@ -119,10 +131,13 @@ def create_session(
     device: str = "cpu",
     threads: int | None = None,
     optimize: bool = True,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
     providers = check_device(device)
     with _loadable(model) as loadable:
-        return ort.InferenceSession(loadable, session_options(threads, optimize), providers=providers)
+        return ort.InferenceSession(
+            loadable, session_options(threads, optimize, prepack), providers=providers
+        )
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

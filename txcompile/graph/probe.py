@@ -11,11 +11,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
-import onnx.numpy_helper
 import onnx_ir as ir
 
 from txcompile.graph import ort as rt
-from txcompile.graph import size
+from txcompile.graph import size, workspace
 
 
 def static_shape(value: ir.Value) -> tuple[int, ...] | None:
@@ -30,7 +29,7 @@ def probe_shapes(
     """Shapes by value name, from one ORT run (with optimizations off) on ``feeds``."""
     found, initializers = _probe(model, values, feeds)
     shapes = {name: tuple(int(d) for d in value.shape) for name, value in found.items()}
-    shapes.update({name: tuple(tensor.dims) for name, tensor in initializers.items()})
+    shapes.update({name: tuple(tensor.shape.numpy()) for name, tensor in initializers.items()})
     return shapes
 
 
@@ -39,7 +38,7 @@ def probe_values(
 ) -> dict[str, np.ndarray]:
     """Values by name, from the same kind of run."""
     found, initializers = _probe(model, values, feeds)
-    found.update({name: onnx.numpy_helper.to_array(tensor) for name, tensor in initializers.items()})
+    found.update({name: tensor.numpy() for name, tensor in initializers.items()})
     return found
 
 
@@ -52,14 +51,14 @@ def probe_runs(
     found: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feeds in feeds_list:
         outputs = {**rt.run(session, feeds), **{k: np.asarray(v) for k, v in feeds.items()}}
-        outputs.update({name: onnx.numpy_helper.to_array(t) for name, t in initializers.items()})
+        outputs.update({name: t.numpy() for name, t in initializers.items()})
         for name in names:
             found[name].append(outputs[name])
     return found
 
 
 def _probe(model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.ndarray]):
-    """(computed values and feeds by name, wanted initializer protos by name)."""
+    """(computed values and feeds by name, wanted initializer tensors by name)."""
     names = sorted({v.name for v in values if v is not None and v.name})
     if not feeds or not names:
         return {}, {}
@@ -77,7 +76,7 @@ def _exposed(model: ir.Model, names: list[str]):
     The one place that exposes intermediates, so every probe keeps the >2 GiB path of
     :func:`~txcompile.graph.ort.create_session`.
     """
-    proto = ir.serde.serialize_model(model)
+    proto = workspace.serialize(model)
     inferred = onnx.shape_inference.infer_shapes(proto) if size.fits_in_protobuf(proto) else proto
     types = {vi.name: vi.type for vi in [*inferred.graph.value_info, *inferred.graph.output]}
     wanted = set(names)
@@ -90,8 +89,9 @@ def _exposed(model: ir.Model, names: list[str]):
         info.name = name
         if name in types:
             info.type.CopyFrom(types[name])
-    session = rt.create_session(proto, optimize=False)
-    return session, {t.name: t for t in proto.graph.initializer if t.name in wanted}
+    session = rt.create_session(proto, optimize=False, prepack=False)
+    found = {name: v.const_value for name, v in model.graph.initializers.items() if name in wanted}
+    return session, {name: tensor for name, tensor in found.items() if tensor is not None}
 
 
 class Shapes:

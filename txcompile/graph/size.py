@@ -46,3 +46,9 @@ def estimated_bytes(model: onnx.ModelProto) -> int:
 
 def fits_in_protobuf(model: onnx.ModelProto, limit: int = PROTOBUF_LIMIT) -> bool:
     return estimated_bytes(model) < limit
+
+
+def ir_tensor_bytes(model) -> int:
+    """The bytes of an onnx_ir model's initializers, in every graph (read from their headers:
+    external tensors are not loaded)."""
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value)

@@ -1,0 +1,144 @@
+"""Wall time and peak memory of `txcompile optimize` against onnxscript on real-size models.
+
+Each model (random weights, Hugging Face config) is exported once with `txcompile export`;
+then, one process each, in turn: onnxscript (`ir.load` → `optimizer.optimize` →
+`optimize_for_ort` → `ir.save` with external data, which streams the weights), `txcompile
+optimize` with verification, and with `--no-verify`. Peak memory is the child's maximum
+resident set (wait4), so imports count for every candidate alike.
+
+    .venv/bin/python tests/benchmarks/compile_memory.py                       # bert-base, bert-large, llama-0.5b
+    .venv/bin/python tests/benchmarks/compile_memory.py --models bert-base --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+MODELS = {
+    "bert-base": ("BertConfig", {"architectures": ["BertModel"]}),
+    "bert-large": (
+        "BertConfig",
+        {
+            "architectures": ["BertModel"],
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "intermediate_size": 4096,
+        },
+    ),
+    "llama-0.5b": (
+        "LlamaConfig",
+        {
+            "architectures": ["LlamaModel"],
+            "hidden_size": 1024,
+            "intermediate_size": 2816,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "vocab_size": 151936,
+            "max_position_embeddings": 2048,
+        },
+    ),
+}
+
+ONNXSCRIPT = """
+import sys, onnx_ir as ir, onnxscript
+from onnxscript.rewriter.ort_fusions import optimize_for_ort
+model = ir.load(sys.argv[1])
+onnxscript.optimizer.optimize(model)
+optimize_for_ort(model)
+ir.save(model, sys.argv[2], external_data=sys.argv[3])
+"""
+
+
+def measured(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB) of one child process, which must succeed."""
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {child.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss / 2**20
+
+
+def weights_gib(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 2**30
+
+
+def export(name: str, work: Path) -> Path:
+    import transformers
+
+    folder, plain = work / name, work / f"{name}.onnx"
+    if not plain.exists():
+        config_class, fields = MODELS[name]
+        getattr(transformers, config_class)(**fields).save_pretrained(folder)
+        txcompile = [sys.executable, "-m", "txcompile"]
+        subprocess.run([*txcompile, "export", str(folder), "-o", str(plain)], check=True, capture_output=True)
+    return plain
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--work", default=None, help="folder for the exports (kept between runs)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="compile-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models.split(","):
+        plain = export(name, work)
+        size = weights_gib(plain)
+        out = work / f"{name}.out"
+        out.mkdir(exist_ok=True)
+        txcompile = [sys.executable, "-m", "txcompile", "optimize", str(plain)]
+        runs = {
+            "onnxscript": [
+                sys.executable,
+                "-c",
+                ONNXSCRIPT,
+                str(plain),
+                str(out / "os.onnx"),
+                "os.onnx.data",
+            ],
+            "txcompile": [*txcompile, "-o", str(out / "tx.onnx")],
+            "txcompile --no-verify": [*txcompile, "-o", str(out / "txnv.onnx"), "--no-verify"],
+        }
+        timings = {label: measured(command) for label, command in runs.items()}
+        peer_s, peer_gib = timings["onnxscript"]
+        for label, (seconds, gib) in timings.items():
+            rows.append(
+                {
+                    "model": name,
+                    "weights_gib": round(size, 3),
+                    "tool": label,
+                    "seconds": round(seconds, 2),
+                    "peak_gib": round(gib, 3),
+                    "time_vs_onnxscript": round(seconds / peer_s, 2),
+                    "memory_vs_weights": round(gib / size, 2),
+                    "memory_vs_onnxscript": round(gib / peer_gib, 2),
+                }
+            )
+    table = Table(title="optimize: wall time and peak RSS (one run each, 2 threads)")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""One copy of the weights for a whole pipeline: a temporary folder they are written to once.
+
+Every pass works on an IR clone of the accepted model, and clones share their tensors. The
+workspace turns those tensors into external data in its folder, so a model of any size
+serializes to a small proto that only references them. onnxruntime maps that data from the
+files instead of copying it into each session, the ONNX checker reads the model from its
+path, and no proto of the whole model (protobuf's 2 GiB limit, a second copy of every
+weight) is ever built. Tensors a pass adds go to a new file the next time the model is
+serialized; files are never rewritten, so the tensors that point into them stay valid.
+
+While a workspace is active (``with space.active():``, or ``with Workspace():``, which also
+removes it at the end), :func:`current` returns it and sessions built from protos it
+serialized are loaded from its folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from txcompile.graph import size
+
+MIN_BYTES = 1024  # smaller tensors stay inline: writing them out would cost more than it saves
+
+_CURRENT: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("workspace", default=None)
+
+
+def current() -> Workspace | None:
+    """The active workspace, if any."""
+    return _CURRENT.get()
+
+
+class Workspace:
+    """A temporary folder holding a model's weights as external data, removed on exit."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="txcompile-work-", ignore_cleanup_errors=True)
+        self.path = Path(self._folder.name)
+        self._numbers = itertools.count()
+
+    def __enter__(self) -> Workspace:
+        self._token = _CURRENT.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _CURRENT.reset(self._token)
+        self.close()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Workspace]:
+        """The current workspace inside the block; it stays on disk after it."""
+        token = _CURRENT.set(self)
+        try:
+            yield self
+        finally:
+            _CURRENT.reset(token)
+
+    def close(self) -> None:
+        """Remove the folder (also done when the workspace is garbage collected)."""
+        self._folder.cleanup()
+
+    def holds(self, tensor: ir.TensorProtocol) -> bool:
+        return isinstance(tensor, ir.ExternalTensor) and Path(tensor.base_dir) == self.path
+
+    def adopt(self, model: ir.Model) -> int:
+        """Move ``model``'s tensors that are not here yet into a new data file (in place: each
+        value's tensor becomes an external tensor over the same bytes); how many moved."""
+        _detach_from_protos(model)
+        values = [
+            v
+            for graph in model.graphs()
+            for v in graph.initializers.values()
+            if _worth_moving(v.const_value) and not self.holds(v.const_value)
+        ]
+        if not values:
+            return 0
+        unique = {id(v.const_value): v.const_value for v in values}
+        written = ir.external_data.convert_tensors_to_external(
+            list(unique.values()), base_dir=self.path, relative_path=f"weights-{next(self._numbers)}.data"
+        )
+        external = dict(zip(unique, written, strict=True))
+        for value in values:
+            value.const_value = external[id(value.const_value)]
+        return len(unique)
+
+    def proto(self, model: ir.Model) -> onnx.ModelProto:
+        """``model`` as a proto whose weights are references to this folder (after adopting them)."""
+        self.adopt(model)
+        return ir.serde.serialize_model(model)
+
+    def file(self, proto: onnx.ModelProto) -> Path:
+        """``proto`` written here, for onnxruntime or the checker to read with its external data."""
+        path = self.path / f"model-{next(self._numbers)}.onnx"
+        if size.fits_in_protobuf(proto):
+            path.write_bytes(proto.SerializeToString())
+        else:  # weights held inline (not serialized by this workspace): written out beside it
+            ir.save(ir.serde.deserialize_model(proto), path, external_data=path.name + ".data")
+        return path
+
+
+def serialize(model: ir.Model) -> onnx.ModelProto:
+    """The proto to build a session or check from: its weights referenced in the active
+    workspace, else (no workspace) the whole model in memory."""
+    active = current()
+    return active.proto(model) if active is not None else ir.serde.serialize_model(model)
+
+
+def _detach_from_protos(model: ir.Model) -> None:
+    """Small tensors still read from a ModelProto get their own copy: one such tensor keeps
+    the whole parsed proto, every weight in it, alive."""
+
+    def own(tensor):
+        return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.TensorProtoTensor) and tensor.dtype != ir.DataType.STRING:
+                if not _worth_moving(tensor):
+                    value.const_value = own(tensor)
+        for node in graph:
+            for name, attr in node.attributes.items():
+                tensor = attr.value if attr.type == ir.AttributeType.TENSOR else None
+                if isinstance(tensor, ir.TensorProtoTensor) and tensor.dtype != ir.DataType.STRING:
+                    node.attributes[name] = ir.AttrTensor(name, own(tensor))
+
+
+def _worth_moving(tensor: ir.TensorProtocol | None) -> bool:
+    return tensor is not None and tensor.dtype != ir.DataType.STRING and tensor.nbytes >= MIN_BYTES
+
+
+def in_memory(model: ir.Model) -> ir.Model:
+    """A clone of ``model`` with every external tensor read into memory (for a proto that must
+    stand alone, away from the files its weights are in)."""
+    clone = model.clone()
+    ir.external_data.load_to_model(clone)
+    return clone
