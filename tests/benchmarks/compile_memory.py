@@ -6,7 +6,7 @@ then, one process each, in turn: onnxscript (`ir.load` → `optimizer.optimize` 
 optimize` with verification, and with `--no-verify`. Peak memory is the child's maximum
 resident set (wait4), so imports count for every candidate alike.
 
-    .venv/bin/python tests/benchmarks/compile_memory.py                       # bert-base, bert-large, llama-0.5b
+    .venv/bin/python tests/benchmarks/compile_memory.py      # bert-base, bert-large, llama-0.5b
     .venv/bin/python tests/benchmarks/compile_memory.py --models bert-base --json out.json
 """
 
