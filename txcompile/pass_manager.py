@@ -95,14 +95,14 @@ class PassManager:
 
     def run(self, model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> PipelineResult:
         """Inside an active workspace the result's weights stay there (the caller writes the
-        model before leaving it); otherwise the run has its own and ``result.model`` is read
-        into memory before that one is removed."""
+        model before leaving it); otherwise the run has its own, and the result's weights are
+        read into memory before it is removed."""
         active = workspace.current()
         if active is not None:
             return self._run(model, feeds, active)
         with workspace.Workspace() as own:
             result = self._run(model, feeds, own)
-            result.model  # noqa: B018 -- the stand-alone proto, read while its weights exist
+            result.ir_model = workspace.in_memory(result.ir_model)  # read before the folder goes
             return result
 
     def _run(self, source, feeds, space: workspace.Workspace) -> PipelineResult:
