@@ -25,8 +25,9 @@ def save_inline(model: ir.Model, path: str | os.PathLike) -> None:
     for graph in skeleton.graphs():
         if graph is not skeleton.graph:  # subgraph weights: few and small, read into memory
             for value in graph.initializers.values():
-                if isinstance(value.const_value, ir.ExternalTensor):
-                    value.const_value = ir.Tensor(value.const_value.numpy(), name=value.const_value.name)
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
     moved = [v for v in skeleton.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
     for value in moved:
         skeleton.graph.initializers.pop(value.name)
