@@ -81,9 +81,8 @@ class Quantize(TxPass):
         if self.precision == "int8" and opset < MIN_OPSET:
             self.details = {"precision": self.precision, "note": f"opset {opset} < {MIN_OPSET}: left fp32"}
             return ir.passes.PassResult(model, False)
-        original = ir.serde.serialize_model(
-            workspace.in_memory(model)
-        )  # onnxruntime's quantizers read protos
+        # onnxruntime's quantizers read a proto with its weights in it
+        original = ir.serde.serialize_model(workspace.in_memory(model))
         candidates = quantizable_matmuls(original)
         if not candidates:
             self.details = {"precision": self.precision, "note": "no MatMul/Gemm with a constant weight"}

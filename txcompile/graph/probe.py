@@ -38,7 +38,7 @@ def probe_values(
 ) -> dict[str, np.ndarray]:
     """Values by name, from the same kind of run."""
     found, initializers = _probe(model, values, feeds)
-    found.update({name: tensor.numpy() for name, tensor in initializers.items()})
+    found.update({name: np.array(tensor.numpy()) for name, tensor in initializers.items()})  # own copies
     return found
 
 
@@ -51,7 +51,7 @@ def probe_runs(
     found: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feeds in feeds_list:
         outputs = {**rt.run(session, feeds), **{k: np.asarray(v) for k, v in feeds.items()}}
-        outputs.update({name: t.numpy() for name, t in initializers.items()})
+        outputs.update({name: np.array(t.numpy()) for name, t in initializers.items()})
         for name in names:
             found[name].append(outputs[name])
     return found
