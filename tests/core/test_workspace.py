@@ -3,6 +3,10 @@ pass manager's clones."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -132,3 +136,20 @@ def test_optimize_writes_nothing_outside_its_output(tmp_path, verify, monkeypatc
     assert cli.main(["optimize", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "out.onnx"), *flags]) == 0
     assert list(temporary.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "out.report.json", "tmp"]
+
+
+def test_a_killed_runs_workspace_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A run killed outright (kill -9, the OOM killer) cannot remove its folder; the next does."""
+    monkeypatch.setattr(workspace.tempfile, "tempdir", str(tmp_path))
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = tmp_path / f"{workspace.PREFIX}{int(child.stdout)}-abcd"
+    live = tmp_path / f"{workspace.PREFIX}{os.getpid()}-efgh"
+    other = tmp_path / f"{workspace.PREFIX}k2x9_qab"  # not named by a pid: left alone
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "weights-0.data").write_bytes(b"\0" * 16)
+    with workspace.Workspace() as space:
+        assert space.path.name.startswith(f"{workspace.PREFIX}{os.getpid()}-")
+        assert not dead.exists() and live.exists() and other.exists()

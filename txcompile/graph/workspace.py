@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +27,10 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from txcompile.graph import size
+from txcompile.graph import size, writes
 
 MIN_BYTES = 1024  # smaller tensors stay inline: writing them out would cost more than it saves
+PREFIX = "txcompile-work-"  # then the owner's pid: a killed run's folder is removed by the next
 
 _CURRENT: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("workspace", default=None)
 
@@ -41,7 +44,10 @@ class Workspace:
     """A temporary folder holding a model's weights as external data, removed on exit."""
 
     def __init__(self) -> None:
-        self._folder = tempfile.TemporaryDirectory(prefix="txcompile-work-", ignore_cleanup_errors=True)
+        _remove_abandoned()
+        self._folder = tempfile.TemporaryDirectory(
+            prefix=f"{PREFIX}{os.getpid()}-", ignore_cleanup_errors=True
+        )
         self.path = Path(self._folder.name)
         self._numbers = itertools.count()
 
@@ -103,6 +109,16 @@ class Workspace:
         else:  # weights held inline (not serialized by this workspace): written out beside it
             ir.save(ir.serde.deserialize_model(proto), path, external_data=path.name + ".data")
         return path
+
+
+def _remove_abandoned() -> None:
+    """Workspaces of processes that no longer run: a run killed (the OOM killer, kill -9)
+    leaves its folder, a copy of the model's weights, behind."""
+    for entry in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+        pid = entry.name[len(PREFIX) :].partition("-")[0]
+        owner = int(pid) if pid.isdigit() and len(pid) < 10 else None
+        if owner and not entry.is_symlink() and entry.is_dir() and not writes.process_alive(owner):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def serialize(model: ir.Model) -> onnx.ModelProto:

@@ -146,11 +146,11 @@ def _live_writer(entry: Path) -> bool:
     without a pid (by earlier versions) counts as abandoned once an hour old."""
     pid = entry.name[len(STAGING_PREFIX) :].partition("-")[0]
     if pid.isdigit():
-        return _alive(int(pid))
+        return process_alive(int(pid))
     return time.time() - entry.lstat().st_mtime < LEGACY_STAGING_AGE_S
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
