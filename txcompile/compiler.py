@@ -54,7 +54,7 @@ class Outcome:
     @functools.cached_property
     def model(self) -> onnx.ModelProto:
         """The final model as a stand-alone proto, its weights read into memory."""
-        return ir.serde.serialize_model(workspace.in_memory(self.final))
+        return workspace.standalone_proto(self.final)
 
 
 def verification_feeds(model: onnx.ModelProto, settings: Settings) -> dict[str, np.ndarray]:

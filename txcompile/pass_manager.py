@@ -71,7 +71,7 @@ class PipelineResult:
             if unchanged and isinstance(self.source, onnx.ModelProto):
                 self._proto = self.source
             else:
-                self._proto = ir.serde.serialize_model(workspace.in_memory(self.ir_model))
+                self._proto = workspace.standalone_proto(self.ir_model)
         return self._proto
 
 

@@ -82,7 +82,7 @@ class Quantize(TxPass):
             self.details = {"precision": self.precision, "note": f"opset {opset} < {MIN_OPSET}: left fp32"}
             return ir.passes.PassResult(model, False)
         # onnxruntime's quantizers read a proto with its weights in it
-        original = ir.serde.serialize_model(workspace.in_memory(model))
+        original = workspace.standalone_proto(model)
         candidates = quantizable_matmuls(original)
         if not candidates:
             self.details = {"precision": self.precision, "note": "no MatMul/Gemm with a constant weight"}

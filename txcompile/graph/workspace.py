@@ -158,3 +158,8 @@ def in_memory(model: ir.Model) -> ir.Model:
     clone = model.clone()
     ir.external_data.load_to_model(clone)
     return clone
+
+
+def standalone_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as a proto with every weight in it, valid away from any workspace."""
+    return ir.serde.serialize_model(in_memory(model))
