@@ -10,6 +10,7 @@ optimizing it is the pass manager's job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import io
 import math
@@ -19,8 +20,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 
+from txcompile.graph import modelio, workspace
 from txcompile.graph.errors import TxError
 from txcompile.graph.inputs import PAST_DIM, InputSpec, concrete_shape, make_feeds, write_specs
 from txcompile.graph.ort import create_session, max_abs_diff, padded_rows, run
@@ -38,12 +41,15 @@ EXPORTER_KEY = "txcompile.exporter"
 class ExportResult:
     """The exported model and how it was made.
 
-    ``max_diff`` is the largest |ORT - PyTorch| over the outputs on the example inputs (and
+    ``ir_model``'s weights are external data in ``space``, written there once from torch's
+    own tensors (no proto of the whole model is built); ``model`` reads them into a proto
+    that stands alone. ``max_diff`` is the largest |ORT - PyTorch| over the outputs on the example inputs (and
     on the second sizes for dynamic models). ``warnings`` say what the user should know, e.g.
     a dynamic axis the exporter fixed to its example size.
     """
 
-    model: onnx.ModelProto
+    ir_model: ir.Model
+    space: workspace.Workspace
     exporter: str
     fallback_reason: str | None
     seconds: float
@@ -51,6 +57,10 @@ class ExportResult:
     opset: int
     warnings: list[str] = dataclasses.field(default_factory=list)
     log: str = ""
+
+    @functools.cached_property
+    def model(self) -> onnx.ModelProto:
+        return workspace.standalone_proto(self.ir_model)
 
 
 class _Broken(Exception):
@@ -83,27 +93,33 @@ def export_onnx(
     failures: dict[str, str] = {}
     last_error: Exception | None = None
     for name in attempts:
-        log = io.StringIO()
+        log, space = io.StringIO(), workspace.Workspace()
         try:
-            with captured(log):
-                proto = _EXPORTERS[name](model, args, specs, opset)
-            synced, kept, warnings = _graph_specs(proto, specs, name)
-            warnings += _tracer_warnings(log.getvalue())
-            max_diff, unchecked = _verify(model, proto, synced, dims)
-            warnings += unchecked
+            with space.active():
+                with captured(log):
+                    proto = _EXPORTERS[name](model, args, specs, opset, space)
+                synced, kept, warnings = _graph_specs(proto, specs, name)
+                warnings += _tracer_warnings(log.getvalue())
+                max_diff, unchecked = _verify(model, proto, synced, dims)
+                warnings += unchecked
         except _Broken as err:
             failures[name], last_error = f"ONNX Runtime rejects its model: {err}", err
+            space.close()
             continue
         except Exception as err:  # torch raises many types; each is a reason to fall back
             failures[name], last_error = one_line(err), err
+            space.close()
             continue
         if opset is not None and _opset(proto) != opset:
             warnings.append(f"asked for opset {opset}; the {name} exporter wrote opset {_opset(proto)}")
         write_specs(proto, [spec for spec in synced if spec.name in kept])
         _set_metadata(proto, {**model.metadata, SOURCE_KEY: model.source, EXPORTER_KEY: name})
         reason = failures.get("dynamo")
+        ir_model = ir.serde.deserialize_model(proto)
+        ir.external_data.set_base_dir(ir_model.graph, space.path)
         return ExportResult(
-            model=proto,
+            ir_model=ir_model,
+            space=space,
             exporter=name,
             fallback_reason=f"dynamo failed: {reason}" if reason else None,
             seconds=time.perf_counter() - start,
@@ -120,7 +136,10 @@ def export_onnx(
 # the two exporters
 
 
-def _export_dynamo(model: TorchModel, args: tuple, specs: list[InputSpec], opset: int | None):
+# Each writes the weights into ``space`` and returns the model as a proto that references them.
+
+
+def _export_dynamo(model: TorchModel, args: tuple, specs: list[InputSpec], opset: int | None, space):
     program = torch.onnx.export(
         model.module,
         args,
@@ -131,7 +150,7 @@ def _export_dynamo(model: TorchModel, args: tuple, specs: list[InputSpec], opset
         opset_version=opset,
         dynamic_shapes=_dynamic_shapes(model.module, args, specs),
     )
-    proto = program.model_proto
+    proto = space.proto(program.model)  # the weights written out once, straight from torch's tensors
     _fix_specialized_dims(proto, program, args, specs)
     _rename_dims(proto, specs)
     return proto
@@ -173,7 +192,7 @@ def _fix_specialized_dims(proto: onnx.ModelProto, program, args: tuple, specs: l
             graph_dim[axis].dim_value = int(size)
 
 
-def _export_torchscript(model: TorchModel, args: tuple, specs: list[InputSpec], opset: int | None):
+def _export_torchscript(model: TorchModel, args: tuple, specs: list[InputSpec], opset: int | None, space):
     buffer = io.BytesIO()
     axes = {
         spec.name: {axis: dim for axis, dim in enumerate(spec.shape) if isinstance(dim, str)}
@@ -191,7 +210,8 @@ def _export_torchscript(model: TorchModel, args: tuple, specs: list[InputSpec], 
             opset_version=opset,
             dynamic_axes={name: value for name, value in axes.items() if value} or None,
         )
-    return onnx.load_from_string(buffer.getvalue())
+    exported = modelio.to_ir(onnx.load_from_string(buffer.getvalue()), model.source)
+    return space.proto(exported)
 
 
 _EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
@@ -260,7 +280,7 @@ def _verify(
     in a warning, not blamed on the exporter.
     """
     try:
-        session = create_session(proto)
+        session = create_session(proto, prepack=False)
     except Exception as err:
         raise _Broken(f"cannot load: {one_line(err)}") from err
     sizes = [dims]

@@ -134,13 +134,14 @@ def compile_exported(torch_model, result, config: compiler.Settings, *, output: 
         "max_diff": result.max_diff,
     }
     outcome = compiler.optimize(
-        result.model,
+        result.ir_model,
         config,
         source=torch_model.source,
         output=output,
         export=export_info,
         torch_reference=torch_runner(torch_model),
         warnings=[*torch_model.warnings, *result.warnings],
+        space=result.space,
     )
     reads = tuple(_exporters().spec_files(torch_model.source))
     return Compiled(outcome, result, reads)
@@ -179,13 +180,14 @@ def optimize(
     """Optimize an ONNX model (a path or a ModelProto) for ``target``, verified against itself."""
     reads: tuple[Path, ...] = ()
     if isinstance(model, onnx.ModelProto):
-        proto, source = model, "<ModelProto>"
-    else:
-        proto, files = modelio.load_model_and_files(model, check=False)  # checked in the workspace
+        given, source = model, "<ModelProto>"
+    else:  # the weights stay in their files until the run's workspace copies them; checked there
+        proto, files = modelio.load_model_and_files(model, weights=False, check=False)
         source, reads = str(model), tuple(files)
+        given = modelio.to_ir(proto, source, base_dir=Path(model).parent)
     dims = _dims(batch, seq)
     config = settings(target=target, dims=dims, precision=precision, **options)
-    return optimize_model(proto, config, source=source, reads=reads)
+    return optimize_model(given, config, source=source, reads=reads)
 
 
 def optimize_model(

@@ -80,7 +80,7 @@ def export(args) -> int:
     output = Path(args.output)
     writes.check_outputs(_model_outputs(output, with_report=False), _exporters().spec_files(args.model))
     _, result, _ = _export(args)
-    modelio.save_model(result.model, output)
+    modelio.save_model(result.ir_model, output)
     console.print(f"wrote {output}")
     return 0
 
@@ -107,11 +107,12 @@ def optimize(args) -> int:
     output, given = Path(args.output), [args.model, args.inputs, args.calib]
     writes.check_outputs(_model_outputs(output), given)
     pipelines.pass_names(args.target, args.passes, args.disable_pass)
-    model, model_files = modelio.load_model_and_files(args.model, check=False)  # checked in the workspace
+    # the weights stay in their files until the run's workspace copies them; checked there
+    model, model_files = modelio.load_model_and_files(args.model, weights=False, check=False)
     writes.check_outputs(_model_outputs(output), [*model_files, *given[1:]])
     dims = model_inputs.dims_from_shapes(model_inputs.read_specs(model), args.input_shape, _base_dims(args))
-    source = modelio.to_ir(model, args.model)
-    del model  # its weights move into the run's workspace; the proto is freed as they do
+    source = modelio.to_ir(model, args.model, base_dir=Path(args.model).parent)
+    del model
     outcome = api.optimize_model(source, _settings(args, dims), source=args.model, output=str(output))
     return _finish(outcome, output, strict=getattr(args, "strict", False))
 
@@ -125,7 +126,7 @@ def compile(args) -> int:
     pipelines.pass_names(args.target, args.passes, args.disable_pass)
     torch_model, result, dims = _export(args)
     if args.save_export:
-        modelio.save_model(result.model, args.save_export)
+        modelio.save_model(result.ir_model, args.save_export)
     outcome = api.compile_exported(torch_model, result, _settings(args, dims), output=str(output))
     return _finish(outcome, output, strict=getattr(args, "strict", False))
 

@@ -73,20 +73,25 @@ def optimize(
     export: dict[str, Any] | None = None,
     torch_reference=None,
     warnings: list[str] | None = None,
+    space: workspace.Workspace | None = None,
 ) -> Outcome:
     """Run the target's pipeline; judge the result against PyTorch if given, else the input.
-    An ``ir.Model`` given is adopted: its weights move into the run's workspace."""
-    space = workspace.Workspace()
+    An ``ir.Model`` given is adopted: its weights move into the run's workspace — ``space``
+    when given (an export's, which holds them already), else a new one."""
+    owned = space is None
+    space = workspace.Workspace() if owned else space
     try:
         with space.active():
             return _optimize(model, settings, space, source, output, export, torch_reference, warnings)
     except BaseException:
-        space.close()
+        if owned:
+            space.close()
         raise
 
 
 def _optimize(model, settings: Settings, space, source, output, export, torch_reference, warnings):
     device = pipelines.device_for(settings.target)
+    clock = report.Phases()
     source_ir = model if isinstance(model, ir.Model) else modelio.to_ir(model, source)
     try:  # the input, its weights now referenced in the workspace
         model = space.proto(source_ir)
@@ -102,6 +107,7 @@ def _optimize(model, settings: Settings, space, source, output, export, torch_re
     else:
         with rt.refusal("the input model"):  # it must load, or the final model cannot be judged
             rt.create_session(model, device, prepack=False)
+    clock.lap("input")
     context = PassContext(settings.target, device, feeds, dict(settings.flags))
     manager = PassManager(
         pipelines.build(names, context),
@@ -111,10 +117,12 @@ def _optimize(model, settings: Settings, space, source, output, export, torch_re
         debug=settings.debug,
     )
     result = manager.run(source_ir, feeds)
+    clock.lap("passes")
     final = space.proto(result.ir_model)
     verification = _verification(final, result, feeds, settings, device, torch_reference)
     if settings.verify and _is_decoder(final):
         _verify_steps(verification, model, final, settings, device, torch_reference)
+    clock.lap("verification")
     ops_before = op_histogram(source_ir)
     ops_after = op_histogram(result.ir_model)
     built = report.build(
@@ -128,6 +136,7 @@ def _optimize(model, settings: Settings, space, source, output, export, torch_re
         verification=verification,
         export=export,
         warnings=warnings,
+        resources=clock.record(),
     )
     return Outcome(result.ir_model, built, verification.get("passed"), space)
 
@@ -194,7 +203,10 @@ def write(outcome: Outcome, output: str | Path) -> Path:
     output = Path(output)
     path = report.report_path(output)
     with writes.transaction(output.parent) as staging:
+        clock = report.Phases()
         modelio.stage_ir(outcome.final, staging, output.name)
+        clock.lap("write")
+        outcome.report["resources"] = report.merged(outcome.report.get("resources"), clock.record())
         model_files = sorted(p for p in staging.path.iterdir() if p.name.startswith(output.name))
         outcome.report["files"] = {p.name: writes.digest(p) for p in model_files}
         staging.file(path.name).write_text(report.dumps(outcome.report), encoding="utf-8")

@@ -120,6 +120,7 @@ class PassManager:
                 model = candidate
                 for instrument in instruments:
                     instrument.accept()
+            space.trim(model)  # the weight pages this pass and its checks read
         reference, outputs = (drift.reference, drift.outputs) if drift else (None, None)
         return PipelineResult(model, records, reference, outputs, source)
 
@@ -151,6 +152,7 @@ class PassManager:
             node.metadata_props.setdefault(RULE_KEY, tx_pass.name)
         _keep_interface(result.model.graph, interface)
         candidate = space.proto(result.model)
+        space.trim(model, result.model)  # the weights the pass read: its checks need other pages
         for instrument in instruments:
             problem = instrument.after(candidate, tx_pass.exact, record)
             if problem:

@@ -62,6 +62,20 @@ def _why_unchanged(record: dict) -> str | None:
     return details.get("refused") or details.get("note")
 
 
+def resource_lines(report: dict) -> list[str]:
+    resources = report.get("resources")
+    if not isinstance(resources, dict) or not isinstance(resources.get("seconds"), dict):
+        return []
+    export = report.get("export") or {}
+    seconds = {"export": export.get("seconds"), **resources["seconds"]}
+    phases = ", ".join(
+        f"{name} {value:.1f} s" for name, value in seconds.items() if isinstance(value, int | float)
+    )
+    peak = resources.get("peak_rss_mib")
+    memory = f"; peak memory {peak / 1024:.2f} GiB" if isinstance(peak, int | float) else ""
+    return [f"time: {phases}{memory}"]
+
+
 def summary_lines(report: dict) -> list[str]:
     lines = [
         f"{report['source']} → {report['output']}  (target {report['target']}, device {report['device']})"
@@ -98,6 +112,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(
             f"{analysis['parameters']:,} parameters ({analysis['parameter_bytes'] / 2**20:.1f} MiB){flops}"
         )
+    lines.extend(resource_lines(report))
     lines.extend(padding_lines(report))
     lines.extend(kernel_lines(report))
     lines.extend(f"warning: {w}" for w in report.get("warnings", []))

@@ -6,6 +6,8 @@ import dataclasses
 import datetime
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ def build(
     verification: dict[str, Any],
     export: dict[str, Any] | None = None,
     warnings: list[str] | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from txcompile import __version__
 
@@ -54,9 +57,44 @@ def build(
             "passes": records,
             "analysis": analysis,
             "warnings": warnings or [],
+            "resources": resources,
             "files": {},  # filled when written: file name → sha256 of the model files described
         }
     )
+
+
+class Phases:
+    """Seconds per phase of a run, and the process's peak memory so far: a big model's cost
+    shows in the report, not only in a benchmark."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._start, 3)
+        self._start = now
+
+    def record(self) -> dict[str, Any]:
+        return {"seconds": dict(self.seconds), "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident set, in MiB (Linux counts KiB, macOS bytes); None where
+    the platform does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def merged(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    """Phases recorded later added to a report's ``resources``; the peak is the later one."""
+    seconds = {**((before or {}).get("seconds") or {}), **after["seconds"]}
+    return {"seconds": seconds, "peak_rss_mib": after["peak_rss_mib"]}
 
 
 def dumps(report: dict[str, Any]) -> str:

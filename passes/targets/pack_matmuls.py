@@ -73,8 +73,15 @@ class PackSiblingMatMuls(Rule):
         weights = [_weight(node) for node in site.products]
         b = GraphBuilder(model.graph, f"txcompile_packed_{state['count']}", anchor=site.products[0])
         state["count"] += 1
-        packed = b.op("MatMul", site.source, b.const(np.concatenate(weights, axis=1)))
         sizes = [w.shape[1] for w in weights]
+        # built when the model is written out: the packed weights of every layer are never
+        # in memory at once (a whole model's worth for gate/up and QKV)
+        packed_weight = ir.LazyTensor(
+            lambda: ir.tensor(np.concatenate(weights, axis=1)),
+            dtype=ir.DataType.FLOAT,
+            shape=ir.Shape([weights[0].shape[0], sum(sizes)]),
+        )
+        packed = b.op("MatMul", site.source, b.const(packed_weight))
         if state["opset"] >= 13:
             parts = b.ops(
                 "Split", [packed, b.const(np.array(sizes, np.int64))], {"axis": -1}, outputs=len(sizes)

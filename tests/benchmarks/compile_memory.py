@@ -1,4 +1,5 @@
-"""Wall time and peak memory of `txcompile optimize` against onnxscript on real-size models.
+"""Wall time and peak memory of `txcompile optimize` against onnxscript on real-size models,
+and of `txcompile compile` / `run` / `bench` on a 1.1B decoder.
 
 Each model (random weights, Hugging Face config) is exported once with `txcompile export`;
 then, one process each, in turn: onnxscript (`ir.load` → `optimizer.optimize` →
@@ -6,8 +7,13 @@ then, one process each, in turn: onnxscript (`ir.load` → `optimizer.optimize` 
 optimize` with verification, and with `--no-verify`. Peak memory is the child's maximum
 resident set (wait4), so imports count for every candidate alike.
 
-    .venv/bin/python tests/benchmarks/compile_memory.py      # bert-base, bert-large, llama-0.5b
-    .venv/bin/python tests/benchmarks/compile_memory.py --models bert-base --json out.json
+The compile rows take a Hugging Face folder through `txcompile compile` (export, verification
+against PyTorch at every pass, the decode steps), then run and bench the result; the weights'
+size is that of the compiled model's files.
+
+    .venv/bin/python tests/benchmarks/compile_memory.py      # optimize: bert-base, bert-large,
+                                                             # llama-0.5b; compile: tinyllama-1.1b
+    .venv/bin/python tests/benchmarks/compile_memory.py --models bert-base --compile "" --json out.json
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from txcompile import render
 
 MODELS = {
     "bert-base": ("BertConfig", {"architectures": ["BertModel"]}),
@@ -47,6 +55,23 @@ MODELS = {
             "num_key_value_heads": 8,
             "vocab_size": 151936,
             "max_position_embeddings": 2048,
+        },
+    ),
+}
+
+COMPILED = {  # TinyLlama's shape: 1.1B parameters, 4.4 GB in fp32
+    "tinyllama-1.1b": (
+        "LlamaConfig",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 22,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "vocab_size": 32000,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
         },
     ),
 }
@@ -76,28 +101,76 @@ def weights_gib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*")) / 2**30
 
 
-def export(name: str, work: Path) -> Path:
+def hf_folder(name: str, work: Path, configs: dict) -> Path:
     import transformers
 
-    folder, plain = work / name, work / f"{name}.onnx"
-    if not plain.exists():
-        config_class, fields = MODELS[name]
+    folder = work / name
+    if not (folder / "config.json").exists():
+        config_class, fields = configs[name]
         getattr(transformers, config_class)(**fields).save_pretrained(folder)
+    return folder
+
+
+def export(name: str, work: Path) -> Path:
+    folder, plain = hf_folder(name, work, MODELS), work / f"{name}.onnx"
+    if not plain.exists():
         txcompile = [sys.executable, "-m", "txcompile"]
         subprocess.run([*txcompile, "export", str(folder), "-o", str(plain)], check=True, capture_output=True)
     return plain
 
 
+def compiled_rows(name: str, work: Path) -> list[dict]:
+    """compile, then run and bench the compiled model: seconds, peak, fused attention sites."""
+    folder, out = hf_folder(name, work, COMPILED), work / f"{name}.compiled" / "model.onnx"
+    out.parent.mkdir(exist_ok=True)
+    for stale in out.parent.iterdir():
+        stale.unlink()
+    txcompile = [sys.executable, "-m", "txcompile"]
+    steps = {
+        "compile": [*txcompile, "compile", str(folder), "-o", str(out)],
+        "run": [*txcompile, "run", str(out)],
+        "bench --batch 1 --seq 32": [*txcompile, "bench", str(out), "--batch", "1", "--seq", "32"],
+    }
+    timings = {label: measured(command) for label, command in steps.items()}
+    size = weights_gib(out)
+    report = json.loads(out.with_name("model.report.json").read_text())
+    sites = render.attention_coverage(report)
+    fused = sum(1 for site in sites if site.get("status") == "fused")
+    return [
+        {
+            "model": name,
+            "weights_gib": round(size, 3),
+            "tool": f"txcompile {label}",
+            "seconds": round(seconds, 2),
+            "peak_gib": round(gib, 3),
+            "memory_vs_weights": round(gib / size, 2),
+            "attention_fused": f"{fused}/{len(sites)}" if label == "compile" else "",
+            "verified": str(report["verification"]["passed"]) if label == "compile" else "",
+        }
+        for label, (seconds, gib) in timings.items()
+    ]
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help="optimize rows; '' for none")
+    parser.add_argument("--compile", default=",".join(COMPILED), help="compile rows; '' for none")
     parser.add_argument("--work", default=None, help="folder for the exports (kept between runs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="compile-memory-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.models.split(","):
+    rows, compiled = [], []
+    for name in filter(None, args.models.split(",")):
         plain = export(name, work)
         size = weights_gib(plain)
         out = work / f"{name}.out"
@@ -130,14 +203,14 @@ def main() -> None:
                     "memory_vs_onnxscript": round(gib / peer_gib, 2),
                 }
             )
-    table = Table(title="optimize: wall time and peak RSS (one run each, 2 threads)")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    Console().print(table)
+    for name in filter(None, args.compile.split(",")):
+        compiled += compiled_rows(name, work)
+    if rows:
+        print_table("optimize: wall time and peak RSS (one run each)", rows)
+    if compiled:
+        print_table("compile, run, bench: wall time and peak RSS (one run each)", compiled)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"optimize": rows, "compile": compiled}, indent=2))
 
 
 if __name__ == "__main__":

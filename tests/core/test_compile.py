@@ -41,6 +41,17 @@ def test_compile_builtins(compiled):
     assert report["analysis"]["parameters"] > 0
 
 
+def test_the_report_says_what_the_run_cost(compiled):
+    """Seconds per phase and the process's peak memory, as the report and the printout show."""
+    _, out, report = compiled
+    seconds = report["resources"]["seconds"]
+    assert list(seconds) == ["input", "passes", "verification", "write"]
+    assert all(value >= 0 for value in seconds.values()) and seconds["passes"] > 0
+    assert report["resources"]["peak_rss_mib"] > 50  # an interpreter with torch and onnxruntime
+    shown = tx("inspect", out).stdout
+    assert f"time: export {report['export']['seconds']:.1f} s, input" in shown and "peak memory" in shown
+
+
 def test_run_reference_compares_with_pytorch(compiled):
     name, out, _ = compiled
     result = tx("run", out, "--reference", "--batch", "3")

@@ -66,6 +66,47 @@ def test_weights_move_once_and_sessions_read_them_from_the_folder():
     assert not folder.exists()
 
 
+def test_sessions_share_one_mapping_of_the_weights():
+    """Every session of a run reads the weights from the workspace's one mapping of each data
+    file (onnxruntime's shared initializers), not from a mapping or copy of its own."""
+    proto = _model()
+    expected = rt.run(rt.create_session(proto), FEEDS)["y"]
+    model = ir.serde.deserialize_model(proto)
+    with workspace.Workspace() as space:
+        skeleton = space.proto(model)
+        first, second = rt.create_session(skeleton), rt.create_session(space.proto(model.clone()))
+        assert set(first.txcompile_shared_weights) == {"weight"}  # the bias is inline
+        a = first.txcompile_shared_weights["weight"].numpy()
+        b = second.txcompile_shared_weights["weight"].numpy()
+        assert np.shares_memory(a, b)
+        for session in (first, second):
+            np.testing.assert_array_equal(rt.run(session, FEEDS)["y"], expected)
+        space.trim(model)  # the pages go; the data stays valid and is read back in
+        np.testing.assert_array_equal(rt.run(first, FEEDS)["y"], expected)
+        np.testing.assert_array_equal(
+            model.graph.initializers["weight"].const_value.numpy(),
+            numpy_helper.to_array(proto.graph.initializer[0]),
+        )
+
+
+def test_weights_onnxruntime_cannot_take_as_arrays_are_read_by_the_session():
+    """bfloat16 has no numpy dtype onnxruntime takes: the session reads it from the file itself."""
+    proto = _model()
+    weight = proto.graph.initializer[0]
+    cast = helper.make_tensor(
+        "weight", TensorProto.BFLOAT16, [64, 64], np.zeros(64 * 64, np.uint16).tobytes(), raw=True
+    )
+    weight.CopyFrom(cast)
+    proto.graph.node.insert(0, helper.make_node("Cast", ["weight"], ["weight_f"], to=TensorProto.FLOAT))
+    proto.graph.node[1].input[1] = "weight_f"
+    model = ir.serde.deserialize_model(proto)
+    with workspace.Workspace() as space:
+        skeleton = space.proto(model)
+        assert space.shared_weights(skeleton) == {}
+        session = rt.create_session(skeleton)
+        assert rt.run(session, FEEDS)["y"].shape == (3, 64)
+
+
 def test_adopting_lets_go_of_the_parsed_proto():
     """A small tensor or Constant still read from the proto would keep every weight in it alive."""
     model = ir.serde.deserialize_model(_model())
@@ -95,6 +136,66 @@ def test_the_streamed_file_is_the_whole_model(tmp_path):
     expected = rt.run(rt.create_session(proto), FEEDS)["y"]
     np.testing.assert_array_equal(rt.run(rt.create_session(str(path)), FEEDS)["y"], expected)
     assert [n.op_type for n in ir.load(path).graph] == ["MatMul", "Add", "Constant", "Mul", "Relu"]
+
+
+def test_the_skeleton_refers_to_the_weights_where_they_lie(tmp_path):
+    """Reading a file for optimize parses its graph only: each large inline initializer turns
+    into external data at its offset in the file itself, also in a streamed file (one graph
+    field per initializer, merged on parsing)."""
+    proto = _model()
+    plain, merged = tmp_path / "plain.onnx", tmp_path / "merged.onnx"
+    onnx.save(proto, plain)
+    with workspace.Workspace() as space:
+        model = ir.serde.deserialize_model(proto)
+        space.adopt(model)
+        streamed.save_inline(model, merged)
+    want = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for path in (plain, merged):
+        skeleton = onnx.ModelProto.FromString(streamed.read_skeleton(path))
+        external = [t.name for t in skeleton.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        assert external == ["weight"]  # the 256-byte bias stays inline
+        assert skeleton.ByteSize() < 2048
+        onnx.load_external_data_for_model(skeleton, str(tmp_path))
+        got = {t.name: numpy_helper.to_array(t) for t in skeleton.graph.initializer}
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "text.onnx").write_bytes(b"ir_version: 9\ngraph { }\n")
+    (tmp_path / "cut.onnx").write_bytes(plain.read_bytes()[:-100])
+    for name in ("empty.onnx", "text.onnx", "cut.onnx"):
+        assert streamed.read_skeleton(tmp_path / name) is None
+
+
+def test_optimize_reads_the_weights_from_the_input_file_once(tmp_path):
+    """optimize copies the input's weights file to file into its workspace; a tensor whose
+    bytes do not fit its shape is one line, exit 2."""
+    from txcompile import cli
+
+    proto = _model()
+    onnx.save(proto, tmp_path / "in.onnx")
+    assert cli.main(["optimize", str(tmp_path / "in.onnx"), "-o", str(tmp_path / "out.onnx")]) == 0
+    out = onnx.load(tmp_path / "out.onnx")
+    weights = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    np.testing.assert_array_equal(weights["weight"], numpy_helper.to_array(proto.graph.initializer[0]))
+    proto.graph.initializer[0].raw_data = proto.graph.initializer[0].raw_data[:-4]
+    onnx.save(proto, tmp_path / "short.onnx")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "txcompile",
+            "optimize",
+            str(tmp_path / "short.onnx"),
+            "-o",
+            str(tmp_path / "o.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and not (tmp_path / "o.onnx").exists()
+    assert (
+        result.stderr.count("\n") == 1
+        and "has 16380 bytes of data; its shape [64, 64] needs 16384" in result.stderr
+    )
 
 
 class ZeroTheWeightThenBreak(TxPass):

@@ -166,3 +166,30 @@ def test_model_static_in_pytorch_is_a_warning_not_a_failure():
     result = export_onnx(model, exporter="torchscript")
     assert result.max_diff == 0 and len(result.warnings) == 1
     assert result.warnings[0].startswith("dynamic axes unchecked: PyTorch fails at batch=3, seq=4")
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_the_export_writes_its_weights_once_and_compile_reuses_them(exporter, tmp_path):
+    """The export's weights go straight from torch into a workspace (no proto of the whole
+    model); optimizing the export reads them there instead of writing them again."""
+    from txcompile import api
+    from txcompile.exporters import load_model_spec
+    from txcompile.graph import modelio
+
+    torch_model = load_model_spec("tiny-bert")
+    result = export_onnx(torch_model, exporter=exporter, dims={"batch": 2, "seq": 8})
+    weights = [
+        v.const_value for v in result.ir_model.graph.initializers.values() if v.const_value.nbytes >= 1024
+    ]
+    assert weights and all(result.space.holds(t) for t in weights)
+    files = sorted(p.name for p in result.space.path.glob("weights-*.data"))
+    compiled = api.compile_exported(torch_model, result, api.settings(dims={"batch": 2, "seq": 8}))
+    assert compiled.passed and compiled.outcome.space is result.space
+    assert sorted(p.name for p in result.space.path.glob("weights-*.data"))[: len(files)] == files
+    # the stand-alone proto and a file written from the workspace are the same model
+    path = tmp_path / "export.onnx"
+    modelio.save_model(result.ir_model, path)
+    saved = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    inline = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert saved.keys() == inline.keys() and all((saved[k] == inline[k]).all() for k in saved)
+    assert ort_vs_torch(result, torch_model, {"batch": 2, "seq": 8}) < 1e-4

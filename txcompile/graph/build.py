@@ -41,10 +41,18 @@ class GraphBuilder:
 
     def const(self, value, dtype=None) -> ir.Value:
         """An initializer; an array keeps its dtype, a Python number or list becomes float32
-        unless ``dtype`` says otherwise."""
+        unless ``dtype`` says otherwise. An ``ir.LazyTensor`` is kept as it is: a large weight
+        built from others is then computed only when the model is written out."""
+        name = self._free_name()
+        if isinstance(value, ir.LazyTensor):
+            value.name = name
+            constant = ir.Value(
+                name=name, const_value=value, shape=value.shape, type=ir.TensorType(value.dtype)
+            )
+            self.graph.register_initializer(constant)
+            return constant
         if dtype is not None or not isinstance(value, np.ndarray):
             value = np.asarray(value, dtype=dtype or np.float32)
-        name = self._free_name()
         constant = ir.Value(name=name, const_value=ir.tensor(value, name=name))
         constant.shape = ir.Shape(value.shape)
         constant.type = ir.TensorType(ir.DataType.from_numpy(value.dtype))

@@ -8,6 +8,7 @@ external data.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -33,15 +34,21 @@ def load_model_and_files(
     """The model and every file it was read from: itself and its external data (so that no
     output may replace them). ``weights=False`` checks external data but leaves it on disk,
     for callers that only read the graph and hand the path to onnxruntime. ``check=False``
-    leaves the ONNX checker of a model without external data to the caller (:func:`check`
-    on its workspace file: checking a proto in memory serializes it, every weight again)."""
+    leaves the ONNX checker to the caller (:func:`check` on its workspace file: checking a
+    proto in memory serializes it, every weight again).
+    With neither, large inline weights are not read either: they become external data that
+    refers to their bytes in the file itself (streamed.read_skeleton)."""
     path = Path(path)
     if not path.exists():
         raise TxError(f"{path}: no such file")
     if not path.is_file():
         raise TxError(f"{path}: not a file")
     try:
-        model = onnx.load(path, format="protobuf", load_external_data=False)  # never by extension
+        skeleton = None if weights or check else streamed.read_skeleton(path)
+        if skeleton is not None:
+            model = onnx.ModelProto.FromString(skeleton)
+        else:
+            model = onnx.load(path, format="protobuf", load_external_data=False)  # never by extension
     except (DecodeError, RuntimeWarning, ValueError, OSError) as err:
         raise TxError(f"{path}: not a valid ONNX model (corrupt or truncated): {one_line(err)}") from None
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
@@ -49,9 +56,9 @@ def load_model_and_files(
     where = _non_utf8_text(model, "model")
     if where:
         raise TxError(f"{path}: invalid ONNX model: {where} is not UTF-8 text")
-    data_files = _check_external_data(model, path)
+    data_files = [f for f in _check_external_data(model, path) if f != path.resolve()]
     try:
-        if data_files:  # the checker reads a model over 2 GiB only from its path
+        if data_files and check:  # the checker reads a model over 2 GiB only from its path
             onnx.checker.check_model(str(path))
         if weights:
             onnx.load_external_data_for_model(model, str(path.parent))
@@ -62,12 +69,16 @@ def load_model_and_files(
     return model, [path, *data_files]
 
 
-def to_ir(model: onnx.ModelProto, source: str) -> ir.Model:
-    """``model`` in onnx_ir; a proto it cannot read is an invalid model, in one line."""
+def to_ir(model: onnx.ModelProto, source: str, base_dir: str | os.PathLike = "") -> ir.Model:
+    """``model`` in onnx_ir, its external data read from ``base_dir`` (the model file's
+    folder); a proto it cannot read is an invalid model, in one line."""
     try:
-        return ir.serde.deserialize_model(model)
+        converted = ir.serde.deserialize_model(model)
     except (ir.serde.SerdeError, ValueError, TypeError) as err:
         raise TxError(f"{source}: invalid ONNX model: {one_line(err)}") from None
+    if base_dir:
+        ir.external_data.set_base_dir(converted.graph, base_dir)
+    return converted
 
 
 def check(path: str | os.PathLike, source: str) -> None:
@@ -102,8 +113,25 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
             raise TxError(f"{path}: external data file {location.name!r} of {tensor.name!r} is missing")
         if offset + length > location.stat().st_size:
             raise TxError(f"{path}: external data file {location.name!r} is truncated ({tensor.name!r})")
+        needed = _data_bytes(tensor)
+        if length and needed is not None and length != needed:
+            raise TxError(
+                f"{path}: invalid ONNX model: {tensor.name[:80]!r} has {length} bytes of data; "
+                f"its shape {list(tensor.dims)} needs {needed}"
+            )
         files.add(location)
     return sorted(files)
+
+
+def _data_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes a tensor's shape and type call for (as onnx_ir reads it); None for strings."""
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        return None
+    if dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
+        return None
+    return math.ceil(math.prod(tensor.dims) * dtype.bitwidth / 8)
 
 
 def _external_entries(model: onnx.ModelProto, path: Path):
@@ -155,11 +183,13 @@ def _all_tensors(model: onnx.ModelProto):
             graphs.extend(attr.graphs)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
-    """Write atomically; models over ~2 GB get their weights in ``<name>.data`` beside them."""
+def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike) -> list[Path]:
+    """Write atomically; models over ~2 GB get their weights in ``<name>.data`` beside them.
+    An onnx_ir model's external weights (a workspace's) are streamed, never read whole."""
     path = Path(path)
+    stage = stage_ir if isinstance(model, ir.Model) else stage_model
     with writes.transaction(path.parent) as staging:
-        stage_model(model, staging, path.name)
+        stage(model, staging, path.name)
         staged = sorted(staging.path.iterdir(), key=lambda p: p.name != path.name + ".data")
     return [path.with_name(p.name) for p in staged]
 

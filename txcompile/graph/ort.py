@@ -1,7 +1,8 @@
 """ONNX Runtime sessions per device, built from a ModelProto or a path.
 
 Inside an active workspace (workspace.py) a proto is written to its folder and loaded from
-there, so the weights it references are mapped, not copied. Elsewhere, models over the 2 GB
+there, its weights given as shared initializers over the workspace's one mapping of them
+(never a copy per session). Elsewhere, models over the 2 GB
 protobuf limit are written to a temporary folder with external data and loaded from there,
 so every caller can hand over an in-memory model.
 """
@@ -134,10 +135,16 @@ def create_session(
     prepack: bool = True,
 ) -> ort.InferenceSession:
     providers = check_device(device)
+    options = session_options(threads, optimize, prepack)
+    active = workspace.current()
+    shared = active.shared_weights(model) if active and isinstance(model, onnx.ModelProto) else {}
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in shared.items()}
+    for name, value in values.items():
+        options.add_initializer(name, value)
     with _loadable(model) as loadable:
-        return ort.InferenceSession(
-            loadable, session_options(threads, optimize, prepack), providers=providers
-        )
+        session = ort.InferenceSession(loadable, options, providers=providers)
+    session.txcompile_shared_weights = values  # onnxruntime reads them for the session's life
+    return session
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""One .onnx file with its weights inline, written tensor by tensor.
+"""One .onnx file with its weights inline, written tensor by tensor, and read without them.
 
 Serializing a model into one protobuf message holds it in memory twice more (the proto and
 its bytes) for a few seconds. Protobuf merges repeated occurrences of an embedded message
@@ -6,17 +6,26 @@ field when it parses ("as if with MergeFrom"), so the file can be the model with
 large initializers followed, for each of them, by a ``graph`` field holding just that
 initializer: every reader of ONNX (onnx, onnxruntime, onnx_ir) parses it as the whole model.
 Each tensor's bytes go from its external data (a workspace's mapped file) straight to disk.
+
+Reading is the same idea backwards: :func:`read_skeleton` walks the file's protobuf fields
+and gives the model with each large inline initializer turned into a reference to where its
+bytes lie in the file (external data at their offset), so parsing costs the graph, not the
+weights, and the weights go file to file into a workspace.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import onnx
 import onnx_ir as ir
 
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
-_LENGTH_DELIMITED = 2
+# field numbers in onnx.proto
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+_TENSOR_SEGMENT, _TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 3, 9, 13, 14
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+MIN_REFERENCED_BYTES = 1024  # smaller tensors stay inline
 
 
 def save_inline(model: ir.Model, path: str | os.PathLike) -> None:
@@ -45,6 +54,109 @@ def _write_initializer(out, tensor: ir.ExternalTensor, name: str) -> None:
     out.write(_key(_MODEL_GRAPH) + _varint(len(graph_fields) + tensor_size) + graph_fields + tensor_fields)
     out.flush()
     tensor.tofile(out)  # file to file in the kernel where it can
+
+
+def read_skeleton(path: str | os.PathLike) -> bytes | None:
+    """The model file as protobuf bytes in which every main-graph initializer with at least
+    MIN_REFERENCED_BYTES of raw data refers to those bytes in the file itself (``location``
+    its name). None when the file is not the protobuf it should be: the caller parses it the
+    usual way and reports what is wrong."""
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            return None
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                return bytes(_model(data, os.path.basename(path)))
+            except _NotProtobuf:
+                return None
+
+
+class _NotProtobuf(Exception):
+    pass
+
+
+def _model(data, location: str) -> bytearray:
+    out = bytearray()
+    for field, wire, start, value, end in _fields(data, 0, len(data)):
+        if field == _MODEL_GRAPH and wire == _LENGTH_DELIMITED:
+            graph = _graph(data, value, end, location)
+            out += _key(_MODEL_GRAPH) + _varint(len(graph)) + graph
+        else:
+            out += data[start:end]
+    return out
+
+
+def _graph(data, begin: int, finish: int, location: str) -> bytearray:
+    out = bytearray()
+    for field, wire, start, value, end in _fields(data, begin, finish):
+        if field == _GRAPH_INITIALIZER and wire == _LENGTH_DELIMITED:
+            tensor = _referenced_tensor(data, value, end, location)
+            if tensor is not None:
+                out += _key(_GRAPH_INITIALIZER) + _varint(len(tensor)) + tensor
+                continue
+        out += data[start:end]
+    return out
+
+
+def _referenced_tensor(data, begin: int, finish: int, location: str) -> bytearray | None:
+    """The TensorProto without its raw data and with a reference to it; None to keep it as it
+    is (small, already external, segmented, or raw data given more than once)."""
+    fields = list(_fields(data, begin, finish))
+    raw = [f for f in fields if f[0] == _TENSOR_RAW_DATA and f[1] == _LENGTH_DELIMITED]
+    others = {f[0] for f in fields}
+    if len(raw) != 1 or others & {_TENSOR_SEGMENT, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION}:
+        return None
+    _, _, _, offset, end = raw[0]
+    if end - offset < MIN_REFERENCED_BYTES:
+        return None
+    out = bytearray()
+    for field, _, start, _, stop in fields:
+        if field != _TENSOR_RAW_DATA:
+            out += data[start:stop]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(end - offset))):
+        entry = _string(1, key) + _string(2, value)
+        out += _key(_TENSOR_EXTERNAL_DATA) + _varint(len(entry)) + entry
+    out += _varint(_TENSOR_DATA_LOCATION << 3 | _VARINT) + _varint(onnx.TensorProto.EXTERNAL)
+    return out
+
+
+def _fields(data, begin: int, finish: int):
+    """(field number, wire type, where the field starts, where its value starts, its end)."""
+    position = begin
+    while position < finish:
+        start = position
+        key, position = _read_varint(data, position, finish)
+        field, wire = key >> 3, key & 7
+        if wire == _VARINT:
+            value, (_, end) = position, _read_varint(data, position, finish)
+        elif wire in (_FIXED64, _FIXED32):
+            value, end = position, position + (8 if wire == _FIXED64 else 4)
+        elif wire == _LENGTH_DELIMITED:
+            length, value = _read_varint(data, position, finish)
+            end = value + length
+        else:  # groups: not in onnx.proto
+            raise _NotProtobuf
+        if field == 0 or end > finish:
+            raise _NotProtobuf
+        yield field, wire, start, value, end
+        position = end
+
+
+def _read_varint(data, position: int, finish: int) -> tuple[int, int]:
+    number = shift = 0
+    while position < finish and shift < 70:
+        byte = data[position]
+        number |= (byte & 0x7F) << shift
+        position += 1
+        if not byte & 0x80:
+            return number, position
+        shift += 7
+    raise _NotProtobuf
+
+
+def _string(field: int, text: str) -> bytes:
+    encoded = text.encode()
+    return _key(field) + _varint(len(encoded)) + encoded
 
 
 def _key(field: int) -> bytes:

@@ -11,6 +11,11 @@ serialized; files are never rewritten, so the tensors that point into them stay 
 While a workspace is active (``with space.active():``, or ``with Workspace():``, which also
 removes it at the end), :func:`current` returns it and sessions built from protos it
 serialized are loaded from its folder.
+
+Sessions do not each map the weights: :meth:`Workspace.shared_weights` gives them arrays
+over one mapping per data file (onnxruntime's shared initializers), so a run holds each
+weight's pages once however many sessions it builds. :meth:`trim` lets go of the pages
+between passes; the next reader faults them back in from the page cache.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import mmap
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -31,6 +38,12 @@ from txcompile.graph import size, writes
 
 MIN_BYTES = 1024  # smaller tensors stay inline: writing them out would cost more than it saves
 PREFIX = "txcompile-work-"  # then the owner's pid: a killed run's folder is removed by the next
+# dtypes onnxruntime takes as numpy arrays; sessions read the others (bfloat16, int4, …) themselves
+SHAREABLE = {
+    np.dtype(t)
+    for t in (np.float32, np.float16, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8)
+    + (np.uint16, np.uint32, np.uint64, np.bool_)
+}
 
 _CURRENT: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("workspace", default=None)
 
@@ -50,6 +63,7 @@ class Workspace:
         )
         self.path = Path(self._folder.name)
         self._numbers = itertools.count()
+        self._maps: dict[str, mmap.mmap] = {}  # data file → its one mapping for sessions
 
     def __enter__(self) -> Workspace:
         self._token = _CURRENT.set(self)
@@ -100,6 +114,45 @@ class Workspace:
         """``model`` as a proto whose weights are references to this folder (after adopting them)."""
         self.adopt(model)
         return ir.serde.serialize_model(model)
+
+    def shared_weights(self, proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+        """Arrays for ``proto``'s main-graph weights in this folder, by initializer name: every
+        session that takes them as shared initializers reads the same pages."""
+        arrays = {}
+        for tensor in proto.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            location, offset = info.get("location", ""), int(info.get("offset") or 0)
+            array = self._mapped(location, offset, tensor)
+            if array is not None:
+                arrays[tensor.name] = array
+        return arrays
+
+    def _mapped(self, location: str, offset: int, tensor: onnx.TensorProto) -> np.ndarray | None:
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        except (KeyError, TypeError):
+            return None
+        if dtype not in SHAREABLE or Path(location).name != location or not (self.path / location).is_file():
+            return None
+        if location not in self._maps:
+            with open(self.path / location, "rb") as file:
+                self._maps[location] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        array = np.frombuffer(self._maps[location], dtype=dtype, count=count, offset=offset)
+        return array.reshape(tuple(tensor.dims))
+
+    def trim(self, *models: ir.Model) -> None:
+        """Let go of the weight pages this process has read (sessions' and the ``models``' own
+        reads); the data stays valid and is faulted back in on the next read."""
+        for mapping in self._maps.values():
+            mapping.madvise(mmap.MADV_DONTNEED)
+        for graph in (graph for model in models for graph in model.graphs()):
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if self.holds(tensor) and getattr(tensor, "raw", None) is not None:
+                    tensor.raw.madvise(mmap.MADV_DONTNEED)
 
     def file(self, proto: onnx.ModelProto) -> Path:
         """``proto`` written here, for onnxruntime or the checker to read with its external data."""
