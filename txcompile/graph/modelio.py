@@ -114,6 +114,8 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
         if offset + length > location.stat().st_size:
             raise TxError(f"{path}: external data file {location.name!r} is truncated ({tensor.name!r})")
         needed = _data_bytes(tensor)
+        if needed == -1:
+            raise TxError(f"{path}: invalid ONNX model: {tensor.name[:80]!r} has no data type")
         if length and needed is not None and length != needed:
             raise TxError(
                 f"{path}: invalid ONNX model: {tensor.name[:80]!r} has {length} bytes of data; "
@@ -124,12 +126,15 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
 
 
 def _data_bytes(tensor: onnx.TensorProto) -> int | None:
-    """The bytes a tensor's shape and type call for (as onnx_ir reads it); None for strings."""
+    """The bytes a tensor's shape and type call for (as onnx_ir reads it); None for strings,
+    -1 for a type ONNX does not define."""
     try:
         dtype = ir.DataType(tensor.data_type)
     except ValueError:
-        return None
-    if dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
+        return -1
+    if dtype == ir.DataType.UNDEFINED:
+        return -1
+    if dtype == ir.DataType.STRING:
         return None
     return math.ceil(math.prod(tensor.dims) * dtype.bitwidth / 8)
 

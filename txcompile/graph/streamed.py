@@ -23,7 +23,10 @@ import onnx_ir as ir
 
 # field numbers in onnx.proto
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
-_TENSOR_SEGMENT, _TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 3, 9, 13, 14
+_TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 9, 13, 14
+# dims, data_type, name, raw_data, doc_string, metadata_props: a tensor with any other field
+# (typed data, a segment, external data already) is kept as it is
+_PLAIN_TENSOR_FIELDS = {1, 2, 8, 9, 12, 16}
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 MIN_REFERENCED_BYTES = 1024  # smaller tensors stay inline
 
@@ -100,11 +103,10 @@ def _graph(data, begin: int, finish: int, location: str) -> bytearray:
 
 def _referenced_tensor(data, begin: int, finish: int, location: str) -> bytearray | None:
     """The TensorProto without its raw data and with a reference to it; None to keep it as it
-    is (small, already external, segmented, or raw data given more than once)."""
+    is (small, not plain raw data, or raw data given more than once)."""
     fields = list(_fields(data, begin, finish))
     raw = [f for f in fields if f[0] == _TENSOR_RAW_DATA and f[1] == _LENGTH_DELIMITED]
-    others = {f[0] for f in fields}
-    if len(raw) != 1 or others & {_TENSOR_SEGMENT, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION}:
+    if len(raw) != 1 or not {f[0] for f in fields} <= _PLAIN_TENSOR_FIELDS:
         return None
     _, _, _, offset, end = raw[0]
     if end - offset < MIN_REFERENCED_BYTES:

@@ -146,6 +146,8 @@ class Workspace:
     def trim(self, *models: ir.Model) -> None:
         """Let go of the weight pages this process has read (sessions' and the ``models``' own
         reads); the data stays valid and is faulted back in on the next read."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # Windows: the pages stay until the run ends
+            return
         for mapping in self._maps.values():
             mapping.madvise(mmap.MADV_DONTNEED)
         for graph in (graph for model in models for graph in model.graphs()):
