@@ -43,9 +43,9 @@ class ExportResult:
 
     ``ir_model``'s weights are external data in ``space``, written there once from torch's
     own tensors (no proto of the whole model is built); ``model`` reads them into a proto
-    that stands alone. ``max_diff`` is the largest |ORT - PyTorch| over the outputs on the example inputs (and
-    on the second sizes for dynamic models). ``warnings`` say what the user should know, e.g.
-    a dynamic axis the exporter fixed to its example size.
+    that stands alone. ``max_diff`` is the largest |ORT - PyTorch| over the outputs on the
+    example inputs (and on the second sizes for dynamic models). ``warnings`` say what the
+    user should know, e.g. a dynamic axis the exporter fixed to its example size.
     """
 
     ir_model: ir.Model
@@ -115,10 +115,8 @@ def export_onnx(
         write_specs(proto, [spec for spec in synced if spec.name in kept])
         _set_metadata(proto, {**model.metadata, SOURCE_KEY: model.source, EXPORTER_KEY: name})
         reason = failures.get("dynamo")
-        ir_model = ir.serde.deserialize_model(proto)
-        ir.external_data.set_base_dir(ir_model.graph, space.path)
         return ExportResult(
-            ir_model=ir_model,
+            ir_model=modelio.to_ir(proto, model.source, base_dir=space.path),
             space=space,
             exporter=name,
             fallback_reason=f"dynamo failed: {reason}" if reason else None,

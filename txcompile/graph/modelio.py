@@ -113,10 +113,13 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
             raise TxError(f"{path}: external data file {location.name!r} of {tensor.name!r} is missing")
         if offset + length > location.stat().st_size:
             raise TxError(f"{path}: external data file {location.name!r} is truncated ({tensor.name!r})")
-        needed = _data_bytes(tensor)
-        if needed == -1:
+        dtype = _data_type(tensor)
+        if dtype is None:
             raise TxError(f"{path}: invalid ONNX model: {tensor.name[:80]!r} has no data type")
-        if length and needed is not None and length != needed:
+        needed = (
+            None if dtype == ir.DataType.STRING else math.ceil(math.prod(tensor.dims) * dtype.bitwidth / 8)
+        )
+        if length and needed is not None and length != needed:  # needed: as onnx_ir reads it
             raise TxError(
                 f"{path}: invalid ONNX model: {tensor.name[:80]!r} has {length} bytes of data; "
                 f"its shape {list(tensor.dims)} needs {needed}"
@@ -125,18 +128,13 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
     return sorted(files)
 
 
-def _data_bytes(tensor: onnx.TensorProto) -> int | None:
-    """The bytes a tensor's shape and type call for (as onnx_ir reads it); None for strings,
-    -1 for a type ONNX does not define."""
+def _data_type(tensor: onnx.TensorProto) -> ir.DataType | None:
+    """The tensor's type; None for one ONNX does not define."""
     try:
         dtype = ir.DataType(tensor.data_type)
     except ValueError:
-        return -1
-    if dtype == ir.DataType.UNDEFINED:
-        return -1
-    if dtype == ir.DataType.STRING:
         return None
-    return math.ceil(math.prod(tensor.dims) * dtype.bitwidth / 8)
+    return None if dtype == ir.DataType.UNDEFINED else dtype
 
 
 def _external_entries(model: onnx.ModelProto, path: Path):

@@ -134,9 +134,11 @@ class Workspace:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
         except (KeyError, TypeError):
             return None
-        if dtype not in SHAREABLE or Path(location).name != location or not (self.path / location).is_file():
+        if dtype not in SHAREABLE or Path(location).name != location:
             return None
         if location not in self._maps:
+            if not (self.path / location).is_file():
+                return None
             with open(self.path / location, "rb") as file:
                 self._maps[location] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         count = int(np.prod(tensor.dims, dtype=np.int64))
