@@ -183,6 +183,51 @@ def apply_patterns(
     return records
 
 
+def apply_together(
+    tx_pass: TxPass, model: ir.Model, rules: Iterable[PatternRule], rounds: int = 8
+) -> list[SiteRecord]:
+    """All rules in one traversal per round (each node tries each rule in order), rounds until
+    none applies: for many small independent rules, one walk of the graph instead of one per
+    rule. Counted and tagged per rule like :func:`apply_patterns`."""
+    counted = [_Counted(rule) for rule in rules]
+    together = pattern.RewriteRuleSet(counted)  # type: ignore[arg-type]  # duck-typed rules
+    for _ in range(rounds):
+        if not together.apply_to_model(model):
+            break
+    alive = set(all_nodes(model))
+    records = []
+    for rule in counted:
+        if rule.applied:
+            tx_pass.rule_counts[rule.label] += rule.applied
+            created = [n for n in rule.created if n in alive]
+            for node in created:
+                node.metadata_props.setdefault(RULE_KEY, rule.label)
+            records.extend(
+                SiteRecord(_node_site(n), rule.label, FUSED, op=op_key(n)) for n in _roots(created)
+            )
+    if records:
+        common.RemoveUnusedNodesPass()(model)
+    return records
+
+
+class _Counted:
+    """An onnxscript rule that counts its rewrites and keeps the nodes they made."""
+
+    def __init__(self, rule: PatternRule):
+        self.label, self.rule = rule.name, rule.rule  # onnxscript's own name stays its ``name``
+        self.applied, self.created = 0, []
+
+    def __getattr__(self, attr: str):
+        return getattr(self.rule, attr)
+
+    def try_rewrite(self, *args, **kwargs):
+        delta = self.rule.try_rewrite(*args, **kwargs)
+        if delta is not None and kwargs.get("tracer") is None:
+            self.applied += 1
+            self.created.extend(delta.new_nodes)
+        return delta
+
+
 def _roots(created: list[ir.Node]) -> list[ir.Node]:
     """The created nodes whose outputs leave the rewrite (one per site for fusions)."""
     inside = set(created)

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from txcompile import compiler, pipelines, report
 from txcompile.graph import inputs as model_inputs
-from txcompile.graph import modelio, writes
+from txcompile.graph import modelio, progress, writes
 from txcompile.graph.errors import TxError, VerificationError
 from txcompile.runtime.text import LoadedModel
 
@@ -110,7 +110,10 @@ def export(
 ):
     """The PyTorch model ``model`` names and its ONNX export: ``(torch_model, result, dims)``."""
     exporters = _exporters()
-    torch_model = exporters.load_model_spec(str(model), task=task, attn_implementation=attn_implementation)
+    with progress.step(f"loading {model}"):
+        torch_model = exporters.load_model_spec(
+            str(model), task=task, attn_implementation=attn_implementation
+        )
     dims = model_inputs.dims_from_shapes(
         torch_model.inputs, list(input_shapes), {**torch_model.dims, **(dims or {})}
     )
@@ -120,7 +123,10 @@ def export(
             f"{torch_model.source}: verification runs {dims['seq']} tokens, inside the {window}-token "
             f"sliding window; --seq {window + 8} verifies past it"
         )
-    result = exporters.export_onnx(torch_model, opset=opset, exporter=exporter, dims=dims, dynamic=dynamic)
+    with progress.step("exporting to ONNX"):
+        result = exporters.export_onnx(
+            torch_model, opset=opset, exporter=exporter, dims=dims, dynamic=dynamic
+        )
     return torch_model, result, dims
 
 

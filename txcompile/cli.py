@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rt.verbose_logs(args.debug)
     try:
-        with rt.time_limit(getattr(args, "timeout", None)):
+        with rt.time_limit(getattr(args, "timeout", None)), commands.showing_progress():
             return getattr(commands, args.command.replace("-", "_"))(args) or 0
     except rt.RunTimeout as err:
         print(f"txcompile: error: {err}", file=sys.stderr)

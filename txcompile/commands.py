@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from txcompile import api, compiler, pipelines, render, report
 from txcompile.graph import inputs as model_inputs
-from txcompile.graph import modelio, writes
+from txcompile.graph import modelio, progress, writes
 from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError, VerificationError, one_line
 from txcompile.passes.targets import int8_matmul
@@ -24,6 +25,13 @@ from txcompile.runtime import text as rtext
 
 # Pipes and CI logs get a wide console so report tables are never cut to 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+TERM_IS_DUMB = os.environ.get("TERM") == "dumb"
+
+
+def showing_progress():
+    """Progress bars on stderr for the long steps, when it is a terminal (graph/progress.py)."""
+    shown = sys.stderr.isatty() and not TERM_IS_DUMB
+    return progress.showing(render.ProgressDisplay(Console(stderr=True)) if shown else None)
 
 
 def _exporters():
@@ -196,7 +204,7 @@ def run(args) -> int:
     feeds = _feeds(args, model)
     if encrypted:
         return _run_encrypted(args, model, feeds)
-    with rt.refusal(args.model):
+    with rt.refusal(args.model), progress.step(f"running {args.model}"):
         outputs = rt.run(rt.create_session(args.model, args.device), feeds)
     table = Table(show_edge=False)
     for column in ("output", "shape", "dtype", "mean", "std", "min", "max"):
@@ -356,8 +364,8 @@ def bench(args) -> int:
     del loaded  # sessions read each model from its file; no second copy of the weights is kept
     threads = args.threads or benchmark.default_threads()
     sessions = []
-    for name in args.models:
-        with rt.refusal(name):
+    for name in args.models:  # no display while timing: it would take CPU from the runs
+        with rt.refusal(name), progress.step(f"loading {name}"):
             sessions.append((name, rt.create_session(name, args.device, threads=threads)))
     table = Table(title=f"latency, {threads} threads, {args.device}", show_edge=False)
     for column in ("batch", "seq", "model", "median ms", "p90 ms", "speedup", "per-round range"):
@@ -423,9 +431,10 @@ def generate(args) -> int:
             top_p=1.0 if args.top_p is None else args.top_p,
             seed=args.seed,
         )
-    generator = rgenerate.Generator(
-        args.model, device=args.device, threads=args.threads, tokenizer=args.tokenizer
-    )
+    with progress.step(f"loading {args.model}"):
+        generator = rgenerate.Generator(
+            args.model, device=args.device, threads=args.threads, tokenizer=args.tokenizer
+        )
     prompts = args.prompt_ids or [generator.encode(text) for text in args.prompt]
     result = generator.generate(prompts, args.max_new_tokens, sampling=sampling, eos_ids=args.eos_id)
     if args.json:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from txcompile import pipelines, report
 from txcompile.graph import inputs as model_inputs
-from txcompile.graph import modelio, workspace, writes
+from txcompile.graph import modelio, progress, workspace, writes
 from txcompile.graph import ort as rt
 from txcompile.graph.errors import TxError, one_line
 from txcompile.graph.nodes import op_histogram
@@ -92,21 +92,22 @@ def optimize(
 def _optimize(model, settings: Settings, space, source, output, export, torch_reference, warnings):
     device = pipelines.device_for(settings.target)
     clock = report.Phases()
-    source_ir = model if isinstance(model, ir.Model) else modelio.to_ir(model, source)
-    try:  # the input, its weights now referenced in the workspace
-        model = space.proto(source_ir)
-    except ValueError as err:  # a tensor whose data does not fit its shape
-        raise TxError(f"{source}: invalid ONNX model: {one_line(err)}") from None
-    modelio.check(space.file(model), source)
-    names = pipelines.pass_names(settings.target, settings.passes, settings.disable)
-    sparsity = settings.flags.get("sparsity") is not None
-    names = pipelines.with_sparsity(names, sparsity, bool(settings.passes), settings.disable)
-    feeds = verification_feeds(model, settings)
-    if settings.verify:
-        _check_runs(model, feeds, device)
-    else:
-        with rt.refusal("the input model"):  # it must load, or the final model cannot be judged
-            rt.create_session(model, device, prepack=False)
+    with progress.step("reading the input"):
+        source_ir = model if isinstance(model, ir.Model) else modelio.to_ir(model, source)
+        try:  # the input, its weights now referenced in the workspace
+            model = space.proto(source_ir)
+        except ValueError as err:  # a tensor whose data does not fit its shape
+            raise TxError(f"{source}: invalid ONNX model: {one_line(err)}") from None
+        modelio.check(space.file(model), source)
+        names = pipelines.pass_names(settings.target, settings.passes, settings.disable)
+        sparsity = settings.flags.get("sparsity") is not None
+        names = pipelines.with_sparsity(names, sparsity, bool(settings.passes), settings.disable)
+        feeds = verification_feeds(model, settings)
+        if settings.verify:
+            _check_runs(model, feeds, device)
+        else:
+            with rt.refusal("the input model"):  # it must load, or the final model cannot be judged
+                rt.create_session(model, device, prepack=False)
     clock.lap("input")
     context = PassContext(settings.target, device, feeds, dict(settings.flags))
     manager = PassManager(
@@ -118,10 +119,11 @@ def _optimize(model, settings: Settings, space, source, output, export, torch_re
     )
     result = manager.run(source_ir, feeds)
     clock.lap("passes")
-    final = space.proto(result.ir_model)
-    verification = _verification(final, result, feeds, settings, device, torch_reference)
-    if settings.verify and _is_decoder(final):
-        _verify_steps(verification, model, final, settings, device, torch_reference)
+    with progress.step("verifying" if settings.verify else "loading the result"):
+        final = space.proto(result.ir_model)
+        verification = _verification(final, result, feeds, settings, device, torch_reference)
+        if settings.verify and _is_decoder(final):
+            _verify_steps(verification, model, final, settings, device, torch_reference)
     clock.lap("verification")
     ops_before = op_histogram(source_ir)
     ops_after = op_histogram(result.ir_model)
@@ -202,7 +204,7 @@ def write(outcome: Outcome, output: str | Path) -> Path:
     records the sha256 of the model files it describes, so a stale pair can be told."""
     output = Path(output)
     path = report.report_path(output)
-    with writes.transaction(output.parent) as staging:
+    with writes.transaction(output.parent) as staging, progress.step(f"writing {output}"):
         clock = report.Phases()
         modelio.stage_ir(outcome.final, staging, output.name)
         clock.lap("write")

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from txcompile.graph import workspace
+from txcompile.graph import progress, workspace
 from txcompile.graph.errors import TxError, one_line
 from txcompile.graph.nodes import PASS_KEY, RULE_KEY, all_nodes, op_key
 from txcompile.instruments import Instrument, NumericDrift, OnnxChecker
@@ -113,14 +113,16 @@ class PassManager:
         for instrument in instruments:
             instrument.start(proto)
         records = []
-        for tx_pass in self.passes:
-            record, candidate = self._run_one(tx_pass, model, instruments, space)
-            records.append(record)
-            if record.status == APPLIED:
-                model = candidate
-                for instrument in instruments:
-                    instrument.accept()
-            space.trim(model)  # the weight pages this pass and its checks read
+        with progress.step("passes", total=len(self.passes)) as now:
+            for tx_pass in self.passes:
+                now(tx_pass.name)
+                record, candidate = self._run_one(tx_pass, model, instruments, space)
+                records.append(record)
+                if record.status == APPLIED:
+                    model = candidate
+                    for instrument in instruments:
+                        instrument.accept()
+                space.trim(model)  # the weight pages this pass and its checks read
         reference, outputs = (drift.reference, drift.outputs) if drift else (None, None)
         return PipelineResult(model, records, reference, outputs, source)
 

@@ -7,7 +7,16 @@ import html
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -297,3 +306,42 @@ def to_html(report: dict) -> str:
         f"<h2>attention coverage</h2>{table(COVERAGE_HEAD, coverage_rows(report))}"
         "</body></html>\n"
     )
+
+
+class _Count(ProgressColumn):
+    """``done/total`` for steps that have a total; nothing for the others."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.completed:.0f}/{task.total:.0f}" if task.total else "")
+
+
+class ProgressDisplay:
+    """The steps of a command (graph/progress.py) as rich progress bars on ``console``, gone
+    when the step ends; the live display runs only while some step does."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            _Count(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.open = 0
+
+    def begin(self, label: str, total: int | None):
+        if self.open == 0:
+            self.progress.start()
+        self.open += 1
+        return self.progress.add_task(label, total=total)
+
+    def update(self, handle, label: str, done: int) -> None:
+        self.progress.update(handle, description=label, completed=done)
+
+    def end(self, handle) -> None:
+        self.progress.remove_task(handle)
+        self.open -= 1
+        if self.open == 0:
+            self.progress.stop()

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from txcompile.graph import ort as rt
+from txcompile.graph import placeholders
 
 _ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 
@@ -28,7 +29,8 @@ def parameter_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def observed_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """Shape of every tensor in the main graph for these inputs."""
+    """Shape of every tensor in the main graph for these inputs (weights that cannot reach a
+    shape are not read: placeholders.py)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
@@ -37,6 +39,7 @@ def observed_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
             if name and name not in known:
                 probe.graph.output.add(name=name)
                 known.add(name)
+    placeholders.replace_weights(probe)
     session = rt.create_session(probe, optimize=False, prepack=False)
     outputs = rt.run(session, feeds)
     shapes = {name: tuple(np.shape(v)) for name, v in outputs.items()}

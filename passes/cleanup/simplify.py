@@ -13,7 +13,7 @@ from onnxscript.rewriter.rules import common as rules
 
 from txcompile.graph.nodes import all_nodes
 from txcompile.passes.base import TxPass
-from txcompile.passes.rules import FUSED, PatternRule, apply_patterns
+from txcompile.passes.rules import FUSED, PatternRule, apply_together
 
 SHAPE_RULES = {
     "add-zero": rules.add_0_rule,
@@ -64,7 +64,7 @@ class SimplifyShapes(TxPass):
     summary = "drop no-op arithmetic, casts, expands; merge reshape/slice/transpose chains"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        records = apply_patterns(self, model, PATTERNS)  # no near misses: every Add is one for add-zero
+        records = apply_together(self, model, PATTERNS)  # no near misses: every Add is one for add-zero
         fused = sum(record.status == FUSED for record in records)
         self.details = {
             "sites": [r.as_dict() for r in records],

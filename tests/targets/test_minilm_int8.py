@@ -8,6 +8,7 @@ import pytest
 
 from txcompile import compiler
 from txcompile.graph import ort as rt
+from txcompile.passes.targets import int8_matmul
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -123,8 +124,10 @@ def test_minilm_int8_sentence_embeddings_match_fp32(tmp_path):
     quantize = next(r for r in outcome.report["passes"] if r["name"] == "quantize")
     assert quantize["status"] == "applied"
     details = quantize["details"]
-    # per-token scales and smoothing let (nearly) every product take int8 on these real weights
-    assert details["quantized"] + len(details["kept_fp32"]) == 24 and details["quantized"] >= 22
+    # per-token scales and smoothing let (nearly) every product take int8 on these real weights;
+    # a CPU without VNNI gets 7-bit weights (int8_matmul.weight_bits), and one more stays fp32
+    least = 21 if int8_matmul.saturates_at_8_bits() else 22
+    assert details["quantized"] + len(details["kept_fp32"]) == 24 and details["quantized"] >= least
     assert details["per_token_inputs"] >= 12 and details["smoothed_inputs"] >= 6
 
     fp32, int8 = embed(exported, batch), embed(outcome.model, batch)

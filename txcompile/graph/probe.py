@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 
 from txcompile.graph import ort as rt
-from txcompile.graph import size, workspace
+from txcompile.graph import placeholders, size, workspace
 
 
 def static_shape(value: ir.Value) -> tuple[int, ...] | None:
@@ -26,8 +26,9 @@ def static_shape(value: ir.Value) -> tuple[int, ...] | None:
 def probe_shapes(
     model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[int, ...]]:
-    """Shapes by value name, from one ORT run (with optimizations off) on ``feeds``."""
-    found, initializers = _probe(model, values, feeds)
+    """Shapes by value name, from one ORT run (with optimizations off) on ``feeds``; weights
+    whose values cannot reach a shape are zeros made as they are read (placeholders.py)."""
+    found, initializers = _probe(model, values, feeds, shapes_only=True)
     shapes = {name: tuple(int(d) for d in value.shape) for name, value in found.items()}
     shapes.update({name: tuple(tensor.shape.numpy()) for name, tensor in initializers.items()})
     return shapes
@@ -57,12 +58,14 @@ def probe_runs(
     return found
 
 
-def _probe(model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.ndarray]):
+def _probe(
+    model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.ndarray], shapes_only: bool = False
+):
     """(computed values and feeds by name, wanted initializer tensors by name)."""
     names = sorted({v.name for v in values if v is not None and v.name})
     if not feeds or not names:
         return {}, {}
-    session, initializers = _exposed(model, names)
+    session, initializers = _exposed(model, names, shapes_only)
     wanted = set(names)
     outputs = rt.run(session, feeds)
     found = {name: value for name, value in outputs.items() if name in wanted}
@@ -70,7 +73,7 @@ def _probe(model: ir.Model, values: Iterable[ir.Value], feeds: Mapping[str, np.n
     return found, initializers
 
 
-def _exposed(model: ir.Model, names: list[str]):
+def _exposed(model: ir.Model, names: list[str], shapes_only: bool = False):
     """A session (optimizations off) whose outputs include ``names``, and the wanted initializers.
 
     The one place that exposes intermediates, so every probe keeps the >2 GiB path of
@@ -89,6 +92,8 @@ def _exposed(model: ir.Model, names: list[str]):
         info.name = name
         if name in types:
             info.type.CopyFrom(types[name])
+    if shapes_only:
+        placeholders.replace_weights(proto)
     session = rt.create_session(proto, optimize=False, prepack=False)
     found = {name: v.const_value for name, v in model.graph.initializers.items() if name in wanted}
     return session, {name: tensor for name, tensor in found.items() if tensor is not None}
