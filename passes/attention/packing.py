@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.graph.constants import constant_array
+from txcompile.graph.constants import constant_array, constant_tensor
 from txcompile.graph.probe import Shapes
 from txcompile.passes.attention.sites import Site
 
-Packed = tuple[ir.Value, np.ndarray, np.ndarray | None]  # (X, [Wq | Wk | Wv], packed bias or None)
+# (X, [Wq | Wk | Wv] as an array or a tensor computed when written, packed bias or None)
+Packed = tuple[ir.Value, np.ndarray | ir.TensorProtocol, np.ndarray | None]
 
 
 def packed_projection(
@@ -33,14 +34,25 @@ def packed_projection(
             return None
         if not all(_only_feeds(user, targets) for user, _ in projected.uses()):
             return None
-        array = constant_array(producer.inputs[1])
-        if array is None or array.ndim != 2:
+        tensor = constant_tensor(producer.inputs[1])
+        if tensor is None or len(tensor.shape) != 2 or (weights and tensor.shape[0] != weights[0].shape[0]):
             return None
         if source is not None and producer.inputs[0] is not source:
             return None
         source = producer.inputs[0]
-        weights.append(array.astype(np.float32))
-    return source, np.concatenate(weights, axis=1), None
+        weights.append(tensor)
+    return source, _side_by_side(weights), None
+
+
+def _side_by_side(tensors: list[ir.TensorProtocol]) -> ir.LazyTensor:
+    """[Wq | Wk | Wv] in float32, computed when it is written: a rule's check only needs to
+    know that it can be, and its shape."""
+    rows, columns = tensors[0].shape[0], sum(t.shape[1] for t in tensors)
+
+    def concatenate() -> ir.Tensor:
+        return ir.Tensor(np.concatenate([t.numpy().astype(np.float32) for t in tensors], axis=1))
+
+    return ir.LazyTensor(concatenate, dtype=ir.DataType.FLOAT, shape=ir.Shape([rows, columns]))
 
 
 def _split_projection(query, key, value, targets, shapes: Shapes) -> Packed | None:

@@ -63,7 +63,7 @@ def decide(linear: Linear, state: SparseState) -> tuple[column_groups.ColumnGrou
     weight = linear.matrix()
     k, n = weight.shape
     entry: dict[str, Any] = {"layer": linear.name, "shape": [k, n], "pattern": "dense"}
-    sparsity = float((weight == 0).mean())
+    sparsity = 1 - np.count_nonzero(weight) / weight.size if weight.size else 0.0
     entry["sparsity"] = round(sparsity, 4)
     reason = skip_reason(linear, weight, sparsity, state.opset)
     if reason:

@@ -20,6 +20,11 @@ def is_constant(value: ir.Value | None) -> bool:
     return producer is not None and producer.op_type == "Constant"
 
 
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor behind ``value`` without reading its data (shape and dtype are free)."""
+    return None if value is None else ir.convenience.get_const_tensor(value)
+
+
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The array behind ``value``, or None when it is computed at run time."""
     if value is None:

@@ -17,14 +17,16 @@ parameters that fit the depth, and — under a level budget — where bootstrapp
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
 from txcompile.graph.ckks import ciphertext_values
 from txcompile.graph.constants import constant_array, is_constant
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 # Largest total coefficient-modulus bits per ring degree at 128-bit security (HE standard).
 MAX_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -73,6 +75,8 @@ def node_levels(graph: ir.Graph) -> tuple[dict[ir.Value, int], dict[ir.Node, dic
 
 def depth_graph(graph: ir.Graph) -> nx.DiGraph:
     """Ciphertext nodes as a DAG, edges weighted by the consumer's level cost."""
+    import networkx as nx  # imported here: only the he target needs it, and it takes 0.3 s
+
     _, info = node_levels(graph)
     dag = nx.DiGraph()
     for node, data in info.items():
@@ -99,13 +103,19 @@ def suggest_ckks(depth: int, scale_bits: int = 40) -> dict[str, Any] | None:
     return None
 
 
+def _longest_path(dag: nx.DiGraph) -> list:
+    import networkx as nx
+
+    return nx.dag_longest_path(dag, weight="weight")
+
+
 def depth_report(model: ir.Model, budget: int | None = None, scale_bits: int = 40) -> dict[str, Any]:
     graph = model.graph
     level, info = node_levels(graph)
     outputs = [v for v in graph.outputs if v in level]
     depth = max((level[v] for v in outputs), default=0)
     dag = depth_graph(graph)
-    critical = nx.dag_longest_path(dag, weight="weight") if dag.number_of_nodes() else []
+    critical = _longest_path(dag) if dag.number_of_nodes() else []
     report: dict[str, Any] = {
         "depth": depth,
         "conventions": "ct×ct and ct×plaintext multiplications cost 1 level; additions, sums, "

@@ -92,11 +92,41 @@ def _exposed(model: ir.Model, names: list[str], shapes_only: bool = False):
         info.name = name
         if name in types:
             info.type.CopyFrom(types[name])
+    _only_what_computes(proto.graph, wanted)
     if shapes_only:
         placeholders.replace_weights(proto)
     session = rt.create_session(proto, optimize=False, prepack=False)
     found = {name: v.const_value for name, v in model.graph.initializers.items() if name in wanted}
     return session, {name: tensor for name, tensor in found.items() if tensor is not None}
+
+
+def _only_what_computes(graph: onnx.GraphProto, wanted: set[str]) -> None:
+    """Keep only the outputs in ``wanted`` and the nodes and initializers they are computed
+    from: a probe of values near the inputs runs a few nodes, not the model. Graphs with
+    subgraphs (which read outer names) and probes of inputs or weights alone stay whole."""
+    if not any(o.name in wanted for o in graph.output) or any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
+        return
+    for index in reversed(range(len(graph.output))):
+        if graph.output[index].name not in wanted:
+            del graph.output[index]
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+    needed, todo = set(), [o.name for o in graph.output]
+    while todo:
+        index = producer.get(todo.pop())
+        if index is not None and index not in needed:
+            needed.add(index)
+            todo.extend(name for name in graph.node[index].input if name)
+    for index in reversed(range(len(graph.node))):
+        if index not in needed:
+            del graph.node[index]
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in read:
+            del graph.initializer[index]
 
 
 class Shapes:
