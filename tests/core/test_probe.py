@@ -128,3 +128,19 @@ def test_shapes_of_a_real_export_are_the_same_with_its_weights_made_as_zeros(tin
     )
     assert analysis.observed_shapes(tiny_bert, feeds) == real
     assert replaced[0] > 20  # the model's matrices, embeddings and norm weights
+
+
+def test_a_probe_runs_only_the_nodes_its_values_are_computed_from(monkeypatch):
+    model = ir.serde.deserialize_model(_weight_model("index"))
+    built = []
+    create = rt.create_session
+    monkeypatch.setattr(rt, "create_session", lambda proto, **kw: built.append(proto) or create(proto, **kw))
+    h = next(n for n in model.graph if n.op_type == "MatMul").outputs[0]
+    assert probe_shapes(model, [h], {"x": np.ones((2, 128), np.float32)}) == {"h": (2, 128)}
+    (proto,) = built
+    # not the Reshape, Cast or Gather; and without the Cast to an index, W's values reach no
+    # shape in what is left, so it is made as zeros
+    assert [n.op_type for n in proto.graph.node] == ["ConstantOfShape", "MatMul"]
+    assert [o.name for o in proto.graph.output] == ["h"]
+    assert [t.name for t in proto.graph.initializer] == ["W__probe_shape"]
+    assert model.graph.outputs[0].name == "y" and len(model.graph) == 5  # the model untouched
