@@ -1,5 +1,3 @@
-import sys
+from txcompile.cli import entry
 
-from txcompile.cli import main
-
-sys.exit(main())
+entry()
