@@ -103,19 +103,15 @@ def suggest_ckks(depth: int, scale_bits: int = 40) -> dict[str, Any] | None:
     return None
 
 
-def _longest_path(dag: nx.DiGraph) -> list:
+def depth_report(model: ir.Model, budget: int | None = None, scale_bits: int = 40) -> dict[str, Any]:
     import networkx as nx
 
-    return nx.dag_longest_path(dag, weight="weight")
-
-
-def depth_report(model: ir.Model, budget: int | None = None, scale_bits: int = 40) -> dict[str, Any]:
     graph = model.graph
     level, info = node_levels(graph)
     outputs = [v for v in graph.outputs if v in level]
     depth = max((level[v] for v in outputs), default=0)
     dag = depth_graph(graph)
-    critical = _longest_path(dag) if dag.number_of_nodes() else []
+    critical = nx.dag_longest_path(dag, weight="weight") if dag.number_of_nodes() else []
     report: dict[str, Any] = {
         "depth": depth,
         "conventions": "ct×ct and ct×plaintext multiplications cost 1 level; additions, sums, "
