@@ -66,6 +66,22 @@ def test_weights_move_once_and_sessions_read_them_from_the_folder():
     assert not folder.exists()
 
 
+def test_a_stand_alone_copy_leaves_the_weights_it_copied_readable():
+    """``standalone_proto`` copies each weight out of the folder; the model it was made from, and
+    arrays still reading its weights, keep working (onnx_ir's load_to_model would close the
+    mapping under them: BufferError while an array exists)."""
+    proto = _model()
+    model = ir.serde.deserialize_model(proto)
+    with workspace.Workspace() as space:
+        space.adopt(model)
+        reading = model.graph.initializers["weight"].const_value.numpy()  # a view of the mapping
+        alone = workspace.standalone_proto(model)
+        np.testing.assert_array_equal(numpy_helper.to_array(alone.graph.initializer[0]), reading)
+        assert alone.graph.initializer[0].data_location != TensorProto.EXTERNAL
+        np.testing.assert_array_equal(model.graph.initializers["weight"].const_value.numpy(), reading)
+        del reading
+
+
 def test_sessions_share_one_mapping_of_the_weights():
     """Every session of a run reads the weights from the workspace's one mapping of each data
     file (onnxruntime's shared initializers), not from a mapping or copy of its own."""

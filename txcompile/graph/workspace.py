@@ -211,9 +211,15 @@ def _worth_moving(tensor: ir.TensorProtocol | None) -> bool:
 
 def in_memory(model: ir.Model) -> ir.Model:
     """A clone of ``model`` with every external tensor read into memory (for a proto that must
-    stand alone, away from the files its weights are in)."""
+    stand alone, away from the files its weights are in). The clone shares its tensors with
+    ``model``, so each is copied, not released as onnx_ir's ``load_to_model`` does: that would
+    close the mapping under ``model`` and under any array still reading it (BufferError)."""
     clone = model.clone()
-    ir.external_data.load_to_model(clone)
+    for graph in clone.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
     return clone
 
 
