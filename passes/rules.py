@@ -172,12 +172,7 @@ def apply_patterns(
     records = []
     for rule in rules:
         applied, created = rule.apply(model)
-        label = (family or {}).get(rule.name, rule.name)
-        if applied:
-            tx_pass.rule_counts[label] += applied
-            for node in created:
-                node.metadata_props.setdefault(RULE_KEY, label)
-            records.extend(SiteRecord(_node_site(n), label, FUSED, op=op_key(n)) for n in _roots(created))
+        records += _fused(tx_pass, (family or {}).get(rule.name, rule.name), applied, created)
     if records:  # the rewriter drops the nodes a match replaced, not the constants they read
         common.RemoveUnusedNodesPass()(model)
     return records
@@ -197,17 +192,20 @@ def apply_together(
     alive = set(all_nodes(model))
     records = []
     for rule in counted:
-        if rule.applied:
-            tx_pass.rule_counts[rule.label] += rule.applied
-            created = [n for n in rule.created if n in alive]
-            for node in created:
-                node.metadata_props.setdefault(RULE_KEY, rule.label)
-            records.extend(
-                SiteRecord(_node_site(n), rule.label, FUSED, op=op_key(n)) for n in _roots(created)
-            )
+        records += _fused(tx_pass, rule.label, rule.applied, [n for n in rule.created if n in alive])
     if records:
         common.RemoveUnusedNodesPass()(model)
     return records
+
+
+def _fused(tx_pass: TxPass, label: str, applied: int, created: list[ir.Node]) -> list[SiteRecord]:
+    """Count ``applied`` rewrites under ``label``, tag the nodes they made, one record per site."""
+    if not applied:
+        return []
+    tx_pass.rule_counts[label] += applied
+    for node in created:
+        node.metadata_props.setdefault(RULE_KEY, label)
+    return [SiteRecord(_node_site(n), label, FUSED, op=op_key(n)) for n in _roots(created)]
 
 
 class _Counted:

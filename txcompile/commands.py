@@ -25,12 +25,11 @@ from txcompile.runtime import text as rtext
 
 # Pipes and CI logs get a wide console so report tables are never cut to 80 columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-TERM_IS_DUMB = os.environ.get("TERM") == "dumb"
 
 
 def showing_progress():
     """Progress bars on stderr for the long steps, when it is a terminal (graph/progress.py)."""
-    shown = sys.stderr.isatty() and not TERM_IS_DUMB
+    shown = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
     return progress.showing(render.ProgressDisplay(Console(stderr=True)) if shown else None)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from txcompile.graph.build import side_by_side
 from txcompile.graph.constants import constant_array, constant_tensor
 from txcompile.graph.probe import Shapes
 from txcompile.passes.attention.sites import Site
@@ -41,18 +42,7 @@ def packed_projection(
             return None
         source = producer.inputs[0]
         weights.append(tensor)
-    return source, _side_by_side(weights), None
-
-
-def _side_by_side(tensors: list[ir.TensorProtocol]) -> ir.LazyTensor:
-    """[Wq | Wk | Wv] in float32, computed when it is written: a rule's check only needs to
-    know that it can be, and its shape."""
-    rows, columns = tensors[0].shape[0], sum(t.shape[1] for t in tensors)
-
-    def concatenate() -> ir.Tensor:
-        return ir.Tensor(np.concatenate([t.numpy().astype(np.float32) for t in tensors], axis=1))
-
-    return ir.LazyTensor(concatenate, dtype=ir.DataType.FLOAT, shape=ir.Shape([rows, columns]))
+    return source, side_by_side(weights), None  # computed when written: checks read its shape
 
 
 def _split_projection(query, key, value, targets, shapes: Shapes) -> Packed | None:

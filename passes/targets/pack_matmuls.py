@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from txcompile.graph.build import GraphBuilder
+from txcompile.graph.build import GraphBuilder, side_by_side
 from txcompile.graph.constants import constant_array
 from txcompile.passes.rules import Rewrite, Rule, RulePass
 
@@ -74,14 +74,7 @@ class PackSiblingMatMuls(Rule):
         b = GraphBuilder(model.graph, f"txcompile_packed_{state['count']}", anchor=site.products[0])
         state["count"] += 1
         sizes = [w.shape[1] for w in weights]
-        # built when the model is written out: the packed weights of every layer are never
-        # in memory at once (a whole model's worth for gate/up and QKV)
-        packed_weight = ir.LazyTensor(
-            lambda: ir.tensor(np.concatenate(weights, axis=1)),
-            dtype=ir.DataType.FLOAT,
-            shape=ir.Shape([weights[0].shape[0], sum(sizes)]),
-        )
-        packed = b.op("MatMul", site.source, b.const(packed_weight))
+        packed = b.op("MatMul", site.source, b.const(side_by_side(weights)))
         if state["opset"] >= 13:
             parts = b.ops(
                 "Split", [packed, b.const(np.array(sizes, np.int64))], {"axis": -1}, outputs=len(sizes)

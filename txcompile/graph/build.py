@@ -7,8 +7,23 @@ deterministic across runs (no global counters), so the same model compiles to th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
+
+
+def side_by_side(parts: Sequence[np.ndarray | ir.TensorProtocol]) -> ir.LazyTensor:
+    """[P₁ | P₂ | …] of 2-D weights in float32, computed only when the model is written out
+    (:meth:`GraphBuilder.const` keeps it so): packed projections of every layer are then never
+    in memory at once, and a rule's check needs only the shape."""
+    rows, columns = parts[0].shape[0], sum(p.shape[1] for p in parts)
+
+    def concatenate() -> ir.Tensor:
+        arrays = [p if isinstance(p, np.ndarray) else p.numpy() for p in parts]
+        return ir.Tensor(np.concatenate([a.astype(np.float32, copy=False) for a in arrays], axis=1))
+
+    return ir.LazyTensor(concatenate, dtype=ir.DataType.FLOAT, shape=ir.Shape([rows, columns]))
 
 
 class GraphBuilder:
