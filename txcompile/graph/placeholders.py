@@ -58,11 +58,7 @@ def replace_weights(proto: onnx.ModelProto) -> int:
     ConstantOfShape zeros; the number replaced (0 when any weight's use is not listed)."""
     graph = proto.graph
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 9 or any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in graph.node
-        for a in n.attribute
-    ):
+    if opset < 9 or has_subgraphs(graph):
         return 0
     fed = {i.name for i in graph.input}
     chosen = {t.name: i for i, t in enumerate(graph.initializer) if _replaceable(t, fed)}
@@ -82,6 +78,15 @@ def replace_weights(proto: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return len(made)
+
+
+def has_subgraphs(graph: onnx.GraphProto) -> bool:
+    """Whether a node holds a graph (If, Loop, Scan): its body reads outer names unseen here."""
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    )
 
 
 def _replaceable(tensor: onnx.TensorProto, fed: set[str]) -> bool:

@@ -104,11 +104,7 @@ def _only_what_computes(graph: onnx.GraphProto, wanted: set[str]) -> None:
     """Keep only the outputs in ``wanted`` and the nodes and initializers they are computed
     from: a probe of values near the inputs runs a few nodes, not the model. Graphs with
     subgraphs (which read outer names) and probes of inputs or weights alone stay whole."""
-    if not any(o.name in wanted for o in graph.output) or any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in graph.node
-        for a in n.attribute
-    ):
+    if not any(o.name in wanted for o in graph.output) or placeholders.has_subgraphs(graph):
         return
     for index in reversed(range(len(graph.output))):
         if graph.output[index].name not in wanted:
