@@ -21,7 +21,7 @@ from .fusion import FuseAttention, LowerAttention
 from .lower_gqa import GroupQueryAttention
 from .lower_ms import MultiHeadAttentionBnsh, MultiHeadAttentionBsh
 from .lower_onnx import OnnxAttention
-from .lower_packed import PackedAttention, PackedMatMul
+from .lower_packed import OnnxAttentionMatMul, PackedAttention, PackedMatMul
 from .output import QueryMergeHeads
 from .read import ReadAttention
 from .remove_padding import RemovePadding

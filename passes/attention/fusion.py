@@ -22,16 +22,24 @@ from txcompile.graph.probe import Shapes, probe_shapes, probe_values
 from txcompile.passes.attention import folded_heads, gqa
 from txcompile.passes.attention.lower_gqa import GroupQueryAttention
 from txcompile.passes.attention.lower_ms import MultiHeadAttentionBnsh, MultiHeadAttentionBsh
-from txcompile.passes.attention.lower_onnx import OnnxAttention
-from txcompile.passes.attention.lower_packed import PackedAttention, PackedMatMul
+from txcompile.passes.attention.lower_onnx import ONNX_ATTENTION_OPSET, OnnxAttention
+from txcompile.passes.attention.lower_packed import OnnxAttentionMatMul, PackedAttention, PackedMatMul
 from txcompile.passes.attention.lowering import Lowering
 from txcompile.passes.attention.read import AttentionState, ReadAttention, neighbourhood
 from txcompile.passes.attention.shared_cache import past_length_from_mask
 from txcompile.passes.attention.sites import Site, find_sites
+from txcompile.passes.norms.opset import opset_raise_problem
 from txcompile.passes.rules import FUSED, Rewrite, RulePass
 
-# The MultiHeadAttention family, most packed first; the last takes every read site.
-MS_LOWERINGS = (PackedMatMul, PackedAttention, MultiHeadAttentionBsh, MultiHeadAttentionBnsh)
+# The MultiHeadAttention family, most packed first; the last takes every read site. int8 on the
+# CPU packs into ONNX Attention instead, where the graph's opset may be raised to 23.
+MS_LOWERINGS = (
+    OnnxAttentionMatMul,
+    PackedMatMul,
+    PackedAttention,
+    MultiHeadAttentionBsh,
+    MultiHeadAttentionBnsh,
+)
 LOWERINGS = {
     "ms": MS_LOWERINGS,
     "onnx": (OnnxAttention,),
@@ -120,6 +128,7 @@ class FuseAttention(RulePass):
         )
         state.lowerings = lowerings(op_choice)
         state.opset = model.opset_imports.get("", 1)
+        state.opset_problem = opset_raise_problem(model, ONNX_ATTENTION_OPSET)
         if op_choice == "gqa":
             terms = [t.value for s in readable for t in s.biases]
             state.mask_values = probe_values(model, terms, feeds) if terms else {}

@@ -25,9 +25,7 @@ class OnnxAttention(Lowering):
     softcap = True
 
     def build(self, model: ir.Model, reading: Reading, state: AttentionState, b: GraphBuilder) -> None:
-        if model.opset_imports.get("", 1) < ONNX_ATTENTION_OPSET:
-            model.opset_imports[""] = ONNX_ATTENTION_OPSET
-            model.graph.opset_imports[""] = ONNX_ATTENTION_OPSET
+        raise_opset(model)
         site = reading.site
         key = b.op("Transpose", site.key_t, perm=[0, 1, 3, 2])
         query_length = b.op("Shape", site.query, start=2, end=3)
@@ -38,3 +36,9 @@ class OnnxAttention(Lowering):
         output = b.op("Attention", *inputs, scale=float(site.scale), **capping)
         output = zero_unattended_rows(reading, state, b, mask, output, split_heads=True)
         attach_output(reading, output, state.shapes, b, merged=False)
+
+
+def raise_opset(model: ir.Model) -> None:
+    if model.opset_imports.get("", 1) < ONNX_ATTENTION_OPSET:
+        model.opset_imports[""] = ONNX_ATTENTION_OPSET
+        model.graph.opset_imports[""] = ONNX_ATTENTION_OPSET

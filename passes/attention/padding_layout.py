@@ -36,6 +36,7 @@ LAST_AXIS_REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceMax
 ATTENTION = {
     f"{MS}.Attention": ((0,), (3, 4, 6), 5, "PackedAttention"),
     f"{MS}.MultiHeadAttention": ((0, 1, 2), (4, 6, 7, 8, 9), 5, "PackedMultiHeadAttention"),
+    "Attention": ((0, 1, 2), (4, 5, 6), 3, None),  # ONNX's, over [B, S, hidden]: the CPU's int8 form
 }
 USABLE = ("pure", "blocked")  # attention verdicts that let a site run on real tokens
 
@@ -77,7 +78,7 @@ class TokenLayout:
         real, pads = by_query[keep], padded_key[keep]  # real query rows only: padded ones are dropped
         if not np.all(real[pads] <= BLOCKED):
             return "bias does not block every padded key"
-        in_op = node.attributes.get_int("unidirectional", 0) or node.attributes.get_int("do_rotary", 0)
+        in_op = any(node.attributes.get_int(a, 0) for a in ("unidirectional", "do_rotary", "is_causal"))
         return "pure" if np.all(real[~pads] == 0) and not in_op else "blocked"  # packed ops: no causal/rotary
 
     def rows_of(self, value: ir.Value | None) -> tuple[int, ...] | None:

@@ -68,6 +68,7 @@ class AttentionState:
     target: str
     precision: str | None = None
     opset: int = 17  # the graph's default-domain opset (how ReduceMax takes its axes)
+    opset_problem: str | None = None  # why it cannot be raised to ONNX Attention's 23, if it cannot
     mask_values: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # GQA's mask check
     padding: str | None = None  # the 2-D attention-mask input GroupQueryAttention reads
     padding_reason: str | None = None

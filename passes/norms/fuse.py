@@ -27,12 +27,12 @@ class FuseNorms(RulePass):
 
     def prepare(self, model: ir.Model) -> NormState:
         infer_shapes(model)
-        state = NormState(model)
+        state = NormState(model, self.context.device)
         if needs_conversion(model, RMS_NORM_OPSET) and self._lone_rms_norms(model):
             note = convert_opset(model, RMS_NORM_OPSET)
             if note:  # the graph was replaced
                 infer_shapes(model)
-                state = NormState(model)
+                state = NormState(model, self.context.device)
                 state.note_opset(note)
         return state
 

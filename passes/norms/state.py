@@ -10,8 +10,8 @@ from txcompile.passes.norms import match as norm_match
 class NormState:
     """Shared by a pass's rules; the decomposed norms are found once, when a rule first asks."""
 
-    def __init__(self, model: ir.Model) -> None:
-        self.model = model
+    def __init__(self, model: ir.Model, device: str = "cpu") -> None:
+        self.model, self.device = model, device
         self.notes: dict[str, str] = {}  # summary facts for details (e.g. "opset")
         self._decomposed: tuple[list, list] | None = None
 

@@ -73,21 +73,34 @@ class Int8MatMulRule(Rule):
             state.inputs[x.name] = (emitter, quantized, row_scale)
         emitter, quantized, row_scale = state.inputs[x.name]
         bias = node.inputs[2] if linear.is_gemm and len(node.inputs) > 2 else None
+        # per tensor, the bias Add after a MatMul goes into DynamicQuantizeMatMul (ORT's per-row
+        # kernel drops a bias it is given: that Add stays, see int8_matmul.Emitter.product)
+        folded = (
+            int8_matmul.bias_add(node.outputs[0], linear.shape[1])
+            if bias is None and not scheme.per_token
+            else None
+        )
+        if folded is not None:
+            bias = folded[1]
         out = emitter.product(x, quantized, row_scale, linear.matrix(), scheme.divisor, bias)
         made += emitter.builder.commit(node)
-        replace_linear(graph, linear, out)
+        replace_linear(graph, linear, out, folded[0] if folded else None)
         op = "MatMulInteger" if scheme.per_token else "DynamicQuantizeMatMul"
         extra = {"activations": "per token" if scheme.per_token else "per tensor"}
         extra["smoothed"] = scheme.divisor is not None
         return Rewrite(op, made, extra)
 
 
-def replace_linear(graph: ir.Graph, linear: Linear, out: ir.Value) -> None:
-    """``out`` takes the place (and the name) of the linear's output; the weight goes if unused."""
-    node, old = linear.node, linear.node.outputs[0]
+def replace_linear(graph: ir.Graph, linear: Linear, out: ir.Value, bias_add: ir.Node | None = None) -> None:
+    """``out`` takes the place (and the name) of the linear's output, or of the bias Add's after
+    it when ``out`` has the bias in; the weight goes if unused."""
+    node = linear.node
+    old = bias_add.outputs[0] if bias_add is not None else node.outputs[0]
     out.type, out.shape = old.type, old.shape
     name = old.name
     ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+    if bias_add is not None:
+        graph.remove(bias_add, safe=True)
     graph.remove(node, safe=True)
     out.name = name  # the product keeps its name: reports and --compare still find it
     if not list(linear.weight.uses()) and not linear.weight.is_graph_output():

@@ -19,6 +19,7 @@ from txcompile.passes.attention import (
     MultiHeadAttentionBnsh,
     MultiHeadAttentionBsh,
     OnnxAttention,
+    OnnxAttentionMatMul,
     PackedAttention,
     PackedMatMul,
     QueryMergeHeads,
@@ -81,7 +82,8 @@ def assert_fused(tx_pass, fused, model, site, rule, op):
 
 def test_the_family_lists_every_rule_name():
     names = {"query-merge-heads", "mha-bsh", "mha-bnsh-kv", "attention-packed-qkv", "mha-qkv-matmul", "gqa"}
-    names |= {"onnx-attention", "fold-projection-bias", "attention-bias", "read-attention"}
+    names |= {"onnx-attention", "onnx-attention-qkv-matmul", "fold-projection-bias", "attention-bias"}
+    names |= {"read-attention"}
     names |= {"embed-layer-norm", "rotary-embedding"}  # the family's other RulePasses
     assert set(RULES) == names
 
@@ -217,6 +219,41 @@ def test_packed_matmul_refuses_fp32():
 def test_packed_matmul_refuses_a_projection_read_elsewhere():
     _, _, site = lower(PackedMatMul, add_output(attention_block(), "k_proj"), {"precision": "int8"})
     assert site["reason"] == "Q, K and V are not projections of one input read only by this site"
+
+
+# onnx-attention-qkv-matmul -----------------------------------------------------------------------
+
+
+def test_onnx_attention_matmul_takes_the_int8_cpu_site():
+    model = attention_block()
+    tx_pass, fused, site = lower(OnnxAttentionMatMul, model, {"precision": "int8"})
+    assert_fused(tx_pass, fused, model, site, "onnx-attention-qkv-matmul", "Attention")
+    ops = op_types(fused)
+    assert ops.count("MatMul") == 1 and "Split" in ops and "Transpose" not in ops  # [B, S, hidden] in
+    assert max(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")) == 23
+    assert max_diff(model, fused, feeds(batch=3, seq=11)) < ATOL  # no probe size baked in
+
+
+def test_onnx_attention_matmul_refuses_fp32_and_other_targets():
+    _, _, site = lower(OnnxAttentionMatMul, attention_block())
+    assert site["reason"] == "not int8"
+    tx_pass = only(OnnxAttentionMatMul)(PassContext("gpu", "cuda", feeds(), {"precision": "int8"}))
+    tx_pass(ir.serde.deserialize_model(attention_block()))
+    (site,) = tx_pass.details["sites"]
+    assert site["reason"] == "ONNX Attention is the faster form on the CPU only"
+
+
+def test_onnx_attention_matmul_refuses_a_projection_read_elsewhere():
+    model = add_output(attention_block(), "k_proj")
+    _, fused, site = lower(OnnxAttentionMatMul, model, {"precision": "int8"})
+    assert site["reason"] == "Q, K and V are not projections of one input read only by this site"
+    assert max(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")) == 18
+
+
+def test_int8_pipeline_on_the_cpu_takes_onnx_attention_first():
+    tx_pass, fused = run_pass(FuseAttention, attention_block(), {"precision": "int8"})
+    (site,) = tx_pass.details["sites"]
+    assert (site["rule"], site["op"]) == ("onnx-attention-qkv-matmul", "Attention")
 
 
 # gqa ---------------------------------------------------------------------------------------------

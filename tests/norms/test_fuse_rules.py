@@ -192,7 +192,7 @@ def residual_model(op: str, first=("a", "x"), stream_reader=True, branch_bias=Fa
 
 
 def test_skip_layer_norm_takes_the_residual_add():
-    out, record = fuse(residual_model("LayerNormalization", stream_reader=False))
+    out, record = fuse(residual_model("LayerNormalization", stream_reader=False), device="cuda")
     applied(record, {"skip-layer-norm": 1})
     assert models.ops(out) == {"SkipLayerNormalization": 1}
     assert only(record, "skip-layer-norm")["op"] == "SkipLayerNormalization"
@@ -204,8 +204,15 @@ def test_skip_layer_norm_after_a_constant_add_says_why():
     assert "adds a constant, not a residual branch" in only(record, "skip-layer-norm")["reason"]
 
 
+def test_skip_layer_norm_on_the_cpu_says_why_it_keeps_the_pair():
+    out, record = fuse(residual_model("LayerNormalization", stream_reader=False))
+    assert record["status"] == "unchanged"
+    assert models.ops(out) == {"Add": 1, "LayerNormalization": 1}
+    assert "slower than the pair" in only(record, "skip-layer-norm")["reason"]
+
+
 def test_skip_layer_norm_keeps_the_sum_for_its_other_reader():
-    out, record = fuse(residual_model("LayerNormalization"))
+    out, record = fuse(residual_model("LayerNormalization"), device="cuda")
     applied(record, {"skip-layer-norm": 1})
     skip = next(n for n in out.graph.node if n.op_type == "SkipLayerNormalization")
     add = next(n for n in out.graph.node if n.op_type == "Add")

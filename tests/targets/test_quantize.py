@@ -61,6 +61,31 @@ def test_int8_quantizes_constant_weights_and_reports_error(mode):
     )
 
 
+@pytest.mark.parametrize("mode", ["tensor", "token"])
+def test_a_bias_add_goes_into_the_per_tensor_product(mode):
+    """mm1's bias Add becomes DynamicQuantizeMatMul's bias input; per token it stays an Add
+    (onnxruntime's per-row kernel would drop a bias given to it)."""
+    tx_pass, _, out = quantize(linear_block(), int8_activations=mode)
+    ops = op_counts(out)
+    dqmm = [n for n in out.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    if mode == "token":
+        assert ops["Add"] == 1 and not dqmm
+        return
+    assert "Add" not in ops and dqmm[0].input[4] == "b1"
+    assert [n.output[0] for n in dqmm] == ["hb", "o"]  # the Add's output name carries on
+    # the op adds the bias as the Add did: the same graph with the Add put back agrees
+    unfolded = onnx.ModelProto()
+    unfolded.CopyFrom(out)
+    first = next(n for n in unfolded.graph.node if n.op_type == "DynamicQuantizeMatMul")
+    del first.input[3:]
+    first.output[0] = "product"
+    unfolded.graph.node.insert(
+        1 + list(unfolded.graph.node).index(first), helper.make_node("Add", ["product", "b1"], ["hb"])
+    )
+    got, expected = (rt.run(rt.create_session(m), FEEDS)["y"] for m in (out, unfolded))
+    assert np.abs(got - expected).max() < 1e-5 and tx_pass.details["cosine"] > 0.93
+
+
 def test_auto_scales_per_token_only_where_rows_differ():
     """Rows alike (wide ones, as hidden states are): per tensor is as good and faster. A few loud
     tokens: per token."""

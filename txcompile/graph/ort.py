@@ -27,6 +27,8 @@ from txcompile.graph import modelio, size, workspace
 from txcompile.graph.errors import TxError, one_line
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+# onnxruntime's own rewrites that make a graph slower on a device (passes/norms/skip.py measures it)
+DISABLED_OPTIMIZERS = {"cpu": ["SkipLayerNormFusion"]}
 PADDED_OUTPUTS_KEY = "txcompile.padded_outputs"
 PRESENT = re.compile(r"present\.\d+\.(key|value)")  # a decoder's cache outputs
 
@@ -142,7 +144,9 @@ def create_session(
     for name, value in values.items():
         options.add_initializer(name, value)
     with _loadable(model) as loadable:
-        session = ort.InferenceSession(loadable, options, providers=providers)
+        session = ort.InferenceSession(
+            loadable, options, providers=providers, disabled_optimizers=DISABLED_OPTIMIZERS.get(device, [])
+        )
     session.txcompile_shared_weights = values  # onnxruntime reads them for the session's life
     return session
 
