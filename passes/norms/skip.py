@@ -29,6 +29,11 @@ from txcompile.passes.norms.common import (
 )
 from txcompile.passes.rules import Rewrite, Rule
 
+SLOWER_ON_CPU = (
+    "kept as Add + LayerNormalization: on the CPU onnxruntime's SkipLayerNormalization kernel is "
+    "2-5x slower than the pair"
+)
+
 
 def skip_problem(x: ir.Value) -> str | None:
     """Why the norm reading ``x`` cannot become a Skip norm (None when it can)."""
@@ -162,12 +167,6 @@ class SkipLayerNorm(SkipNorm):
         if problem is None and state.device == "cpu":
             return SLOWER_ON_CPU
         return problem
-
-
-SLOWER_ON_CPU = (
-    "kept as Add + LayerNormalization: on the CPU onnxruntime's SkipLayerNormalization kernel is "
-    "2-5x slower than the pair"
-)
 
 
 class SkipRmsNorm(SkipNorm):
