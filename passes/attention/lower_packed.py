@@ -91,10 +91,7 @@ class PackedMatMul(_PackedLowering):
     int8 = True
 
     def emit(self, reading, state, b: GraphBuilder, packed: Packed, packed_bias, bias) -> None:
-        source, weights, split_bias = packed
-        if split_bias is not None:
-            packed_bias = b.const(split_bias)
-        projected = b.op("MatMul", source, b.const(weights))
+        projected, packed_bias = _projection(b, packed, packed_bias)
         parts = b.ops("Split", [projected], {"axis": -1, "num_outputs": 3}, outputs=3)
         emit_contrib(reading, state, b, [*parts, packed_bias, None, bias])
 
@@ -119,10 +116,7 @@ class OnnxAttentionMatMul(_PackedLowering):
         super().build(model, reading, state, b)
 
     def emit(self, reading, state, b: GraphBuilder, packed: Packed, packed_bias, bias) -> None:
-        source, weights, split_bias = packed
-        if split_bias is not None:
-            packed_bias = b.const(split_bias)
-        projected = b.op("MatMul", source, b.const(weights))
+        projected, packed_bias = _projection(b, packed, packed_bias)
         if packed_bias is not None:
             projected = b.op("Add", projected, packed_bias)
         parts = b.ops("Split", [projected], {"axis": -1, "num_outputs": 3}, outputs=3)
@@ -132,3 +126,11 @@ class OnnxAttentionMatMul(_PackedLowering):
         output = b.ops("Attention", [*parts] + ([bias] if bias is not None else []), attributes)[0]
         output = zero_unattended_rows(reading, state, b, bias, output)
         attach_output(reading, output, state.shapes, b, merged=True)
+
+
+def _projection(b: GraphBuilder, packed: Packed, packed_bias):
+    """(MatMul(X, [Wq | Wk | Wv]), the packed bias): int8's one product for Q, K and V."""
+    source, weights, split_bias = packed
+    if split_bias is not None:
+        packed_bias = b.const(split_bias)
+    return b.op("MatMul", source, b.const(weights)), packed_bias

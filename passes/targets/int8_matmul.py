@@ -268,6 +268,6 @@ def bias_add(linear_output: ir.Value, size: int) -> tuple[ir.Node, ir.Value] | N
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
         return None
     other = add.inputs[1 - uses[0].idx]
-    if other is None or other.const_value is None or other.const_value.dtype != ir.DataType.FLOAT:
+    if other is None or not _is_vector(other, size) or other.const_value.dtype != ir.DataType.FLOAT:
         return None
-    return (add, other) if tuple(other.const_value.shape) == (size,) else None
+    return add, other
