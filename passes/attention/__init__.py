@@ -20,7 +20,7 @@ from .embed_layernorm import EmbedLayerNormRule, FuseEmbedLayerNorm
 from .fusion import FuseAttention, LowerAttention
 from .lower_gqa import GroupQueryAttention
 from .lower_ms import MultiHeadAttentionBnsh, MultiHeadAttentionBsh
-from .lower_onnx import OnnxAttention
+from .lower_onnx import OnnxAttention, OnnxAttentionBsh
 from .lower_packed import OnnxAttentionMatMul, PackedAttention, PackedMatMul
 from .output import QueryMergeHeads
 from .read import ReadAttention

@@ -22,7 +22,7 @@ from txcompile.graph.probe import Shapes, probe_shapes, probe_values
 from txcompile.passes.attention import folded_heads, gqa
 from txcompile.passes.attention.lower_gqa import GroupQueryAttention
 from txcompile.passes.attention.lower_ms import MultiHeadAttentionBnsh, MultiHeadAttentionBsh
-from txcompile.passes.attention.lower_onnx import ONNX_ATTENTION_OPSET, OnnxAttention
+from txcompile.passes.attention.lower_onnx import ONNX_ATTENTION_OPSET, OnnxAttention, OnnxAttentionBsh
 from txcompile.passes.attention.lower_packed import OnnxAttentionMatMul, PackedAttention, PackedMatMul
 from txcompile.passes.attention.lowering import Lowering
 from txcompile.passes.attention.read import AttentionState, ReadAttention, neighbourhood
@@ -31,13 +31,16 @@ from txcompile.passes.attention.sites import Site, find_sites
 from txcompile.passes.norms.opset import opset_raise_problem
 from txcompile.passes.rules import FUSED, Rewrite, RulePass
 
-# The MultiHeadAttention family, most packed first; the last takes every read site. int8 on the
-# CPU packs into ONNX Attention instead, where the graph's opset may be raised to 23.
+# The MultiHeadAttention family, most packed first; the last takes every read site. On the CPU,
+# where the graph's opset may be raised to 23, ONNX Attention takes int8's packed MatMul and the
+# head-split K/V (repeated or not) that MultiHeadAttention would read as [B, N, L, D]: its
+# kernel is the faster one there (MultiHeadAttention over [B, L, hidden] K/V folds their biases).
 MS_LOWERINGS = (
     OnnxAttentionMatMul,
     PackedMatMul,
     PackedAttention,
     MultiHeadAttentionBsh,
+    OnnxAttentionBsh,
     MultiHeadAttentionBnsh,
 )
 LOWERINGS = {

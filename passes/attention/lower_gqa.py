@@ -32,6 +32,12 @@ def gqa_plan(reading: Reading, state: AttentionState):
     )
     if reason:
         return reason
+    return grouped_kv(reading, state)
+
+
+def grouped_kv(reading: Reading, state: AttentionState):
+    """(K, V with their own heads, KV heads) behind the graph's head repeat, else why not."""
+    site, layout = reading.site, reading.layout
     if reading.key_bsh is not None and reading.key_bnsh is None:  # Kᵀ split from [B, L, hidden]
         return reading.key_bsh, site.value, layout.heads
     if reading.key_bnsh is None:
@@ -42,6 +48,18 @@ def gqa_plan(reading: Reading, state: AttentionState):
     if kv_heads != value_heads:
         return f"K has {kv_heads} heads before repetition, V {value_heads}"
     return key, value, kv_heads
+
+
+def kv_bsh(reading: Reading, state: AttentionState, b: GraphBuilder, key, value, kv_heads: int):
+    """K and V as [B, L, KV·D]: the graph's own tensors before their head split, else merged here."""
+    layout, shapes = reading.layout, state.shapes
+    kv_layout = dataclasses.replace(layout, heads=kv_heads)
+    return tuple(
+        v
+        if len(shapes(v) or ()) == 3
+        else merged_heads(v, (0, 2, 1, 3), layout.keys, kv_layout, shapes) or bsh(v, kv_layout.hidden, b)
+        for v in (key, value)
+    )
 
 
 class GroupQueryAttention(Lowering):
@@ -64,12 +82,8 @@ class GroupQueryAttention(Lowering):
             return
         key, value, kv_heads = gqa_plan(reading, state)
         site, layout, shapes = reading.site, reading.layout, state.shapes
-        kv_layout = dataclasses.replace(layout, heads=kv_heads)
         query = reading.query_bsh if reading.query_bsh is not None else bsh(site.query, layout.hidden, b)
-        key = key if len(shapes(key) or ()) == 3 else bsh(key, kv_layout.hidden, b)
-        value = merged_heads(value, (0, 2, 1, 3), layout.keys, kv_layout, shapes) or bsh(
-            value, kv_layout.hidden, b
-        )
+        key, value = kv_bsh(reading, state, b, key, value, kv_heads)
         seqlens, total = _lengths(model, key, state, b)
         attributes = _attributes(site, layout.heads, kv_heads)
         inputs = [query, key, value, None, None, seqlens, total]

@@ -6,6 +6,11 @@ reads the activation once and runs one larger product — for a decoder's one-to
 is one matrix-vector product instead of three, fewer dispatches, better threading; int4 and
 int8 then quantize the packed weight as one. Exact: every output column is the same dot
 product as before.
+
+Not for fp32 on the CPU when the graph has no KV cache (a prefill-only forward: many rows per
+product): there the products run as fast apart, and the Split copies every output once more —
+measured with onnxruntime 1.32, 2 threads: over 1024 rows two [1024, 2816] MatMuls took 4.4 % less
+than one packed product and its Split, even at 128 rows, 5.6 % more at one row.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import onnx_ir as ir
 
 from txcompile.graph.build import GraphBuilder, side_by_side
 from txcompile.graph.constants import constant_array
+from txcompile.graph.inputs import PAST_INPUT
 from txcompile.passes.rules import Rewrite, Rule, RulePass
+from txcompile.passes.targets.precision import requested_precision
 
 MIN_PRODUCTS = 2
 
@@ -55,6 +62,8 @@ class PackSiblingMatMuls(Rule):
         return [g for g in groups.values() if len(g.products) >= MIN_PRODUCTS]
 
     def check(self, site: Siblings, state) -> str | None:
+        if state["rows_many"]:
+            return "fp32 on the CPU without a KV cache: the products run as fast apart, without a Split"
         weights = [_weight(node) for node in site.products]
         packable = [
             n
@@ -87,10 +96,20 @@ class PackSiblingMatMuls(Rule):
         return Rewrite("MatMul+Split", nodes, extra={"products": len(sizes)})
 
 
+@dataclasses.dataclass(frozen=True)
+class PackOptions:
+    precision: str | None = None  # None: the target's default
+
+
 class PackMatMuls(RulePass):
     name = "pack-matmuls"
     summary = "MatMuls sharing an input and constant weights → one MatMul and a Split (QKV, gate/up)"
     rules = (PackSiblingMatMuls,)
+    Options = PackOptions
 
     def prepare(self, model: ir.Model) -> dict:
-        return {"count": 0, "opset": model.opset_imports.get("", 1)}
+        fp32_cpu = self.context.target == "cpu" and (
+            requested_precision(self.options.precision, self.context.target) == "fp32"
+        )
+        decodes = any(PAST_INPUT.fullmatch(value.name or "") for value in model.graph.inputs)
+        return {"count": 0, "opset": model.opset_imports.get("", 1), "rows_many": fp32_cpu and not decodes}

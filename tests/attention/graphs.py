@@ -166,10 +166,14 @@ def feeds(batch: int = BATCH, seq: int = SEQ) -> dict[str, np.ndarray]:
     }
 
 
-def run_pass(pass_class, model: onnx.ModelProto, options: dict | None = None, context_feeds=None):
+def run_pass(
+    pass_class, model: onnx.ModelProto, options: dict | None = None, context_feeds=None, target: str = "cpu"
+):
     """Apply one pass to a copy; return (the pass, the new proto)."""
     working = ir.serde.deserialize_model(model)
-    context = PassContext(feeds=feeds() if context_feeds is None else context_feeds, flags=options or {})
+    context = PassContext(
+        target=target, feeds=feeds() if context_feeds is None else context_feeds, flags=options or {}
+    )
     tx_pass = pass_class(context)
     result = tx_pass(working)
     return tx_pass, ir.serde.serialize_model(result.model)

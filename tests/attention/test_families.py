@@ -73,7 +73,9 @@ def check_family(family: str, exporter: str, attn: str | None = None) -> dict:
     assert details["unfused"] == 0, [s for s in details["sites"] if s["status"] != "fused"]
     assert details["fused"] == SITES[family]
     ops = outcome.report["ops"]["after"]
-    fused_ops = ops.get("com.microsoft.MultiHeadAttention", 0) + ops.get("com.microsoft.Attention", 0)
+    fused_ops = sum(
+        ops.get(op, 0) for op in ("com.microsoft.MultiHeadAttention", "com.microsoft.Attention", "Attention")
+    )
     assert fused_ops == SITES[family]
     assert "Softmax" not in ops
     feeds = model_inputs.make_feeds(model_inputs.read_specs(model), OTHER_DIMS, seed=3)

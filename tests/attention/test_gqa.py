@@ -53,6 +53,18 @@ def test_llama_sites_become_gqa_with_their_own_kv_heads(llama_gqa):
     assert not _nodes(outcome.model, "Expand")  # neither the KV repetition nor a mask is left
 
 
+def test_on_the_cpu_llama_sites_are_onnx_attention_without_the_repeat(llama):
+    outcome = compiler.optimize(llama, compiler.Settings(target="cpu"), source="test", output="unused.onnx")
+    sites = next(p for p in outcome.report["passes"] if p["name"] == "fuse-attention")["details"]["sites"]
+    assert [(s["rule"], s["op"]) for s in sites] == [("onnx-attention-bsh", "Attention")] * 2
+    assert outcome.passed and outcome.report["verification"]["max_diff"] < 1e-4  # padded rows included
+    for node in _nodes(outcome.model, "Attention"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["q_num_heads"] == 4 and attrs["kv_num_heads"] == 2
+    repeats = 2 * len(sites)  # K's and V's Expand in each layer go; the causal mask's stays
+    assert len(_nodes(outcome.model, "Expand")) == len(_nodes(llama, "Expand")) - repeats == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family,exporter,kv_heads",
@@ -125,5 +137,5 @@ def test_left_padded_verification_inputs_are_refused(llama, tmp_path):
     feeds["attention_mask"] = feeds["attention_mask"][:, ::-1].copy()
     np.savez(tmp_path / "left.npz", **feeds)
     outcome, sites = _gqa(llama, str(tmp_path / "left.npz"))
-    assert all(s["op"] == "com.microsoft.MultiHeadAttention" for s in sites)
+    assert all(s["op"] == "Attention" for s in sites)  # the CPU's form for LLaMA's repeated K/V
     assert "not right-padded" in sites[0]["note"] and outcome.passed

@@ -19,6 +19,7 @@ from txcompile.passes.attention import (
     MultiHeadAttentionBnsh,
     MultiHeadAttentionBsh,
     OnnxAttention,
+    OnnxAttentionBsh,
     OnnxAttentionMatMul,
     PackedAttention,
     PackedMatMul,
@@ -82,7 +83,13 @@ def assert_fused(tx_pass, fused, model, site, rule, op):
 
 def test_the_family_lists_every_rule_name():
     names = {"query-merge-heads", "mha-bsh", "mha-bnsh-kv", "attention-packed-qkv", "mha-qkv-matmul", "gqa"}
-    names |= {"onnx-attention", "onnx-attention-qkv-matmul", "fold-projection-bias", "attention-bias"}
+    names |= {
+        "onnx-attention",
+        "onnx-attention-qkv-matmul",
+        "onnx-attention-bsh",
+        "fold-projection-bias",
+        "attention-bias",
+    }
     names |= {"read-attention"}
     names |= {"embed-layer-norm", "rotary-embedding"}  # the family's other RulePasses
     assert set(RULES) == names
@@ -256,6 +263,41 @@ def test_int8_pipeline_on_the_cpu_takes_onnx_attention_first():
     assert (site["rule"], site["op"]) == ("onnx-attention-qkv-matmul", "Attention")
 
 
+# onnx-attention-bsh ------------------------------------------------------------------------------
+
+
+def _attributes(model: onnx.ModelProto, op: str) -> dict:
+    (node,) = [n for n in model.graph.node if n.op_type == op]
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_onnx_attention_bsh_takes_keys_worked_on_in_heads():
+    model = heads_first(attention_block(), "k")
+    tx_pass, fused, site = lower(OnnxAttentionBsh, model)
+    assert_fused(tx_pass, fused, model, site, "onnx-attention-bsh", "Attention")
+    attributes = _attributes(fused, "Attention")
+    assert (attributes["q_num_heads"], attributes["kv_num_heads"]) == (HEADS, HEADS)
+    assert max(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")) == 23
+    assert max_diff(model, fused, feeds(batch=3, seq=11)) < ATOL  # no probe size baked in
+
+
+def test_onnx_attention_bsh_refuses_other_targets():
+    model = heads_first(attention_block(), "k")
+    _, fused, site = lower(OnnxAttentionBsh, model, target="gpu")
+    assert (site["status"], site["reason"]) == (
+        "unfused",
+        "ONNX Attention is the faster form on the CPU only",
+    )
+    assert "Softmax" in op_types(fused)
+
+
+def test_onnx_attention_bsh_keeps_the_head_split_key_read_elsewhere():
+    model = add_output(heads_first(attention_block(), "k"), "k4r")
+    _, fused, site = lower(OnnxAttentionBsh, model)
+    assert site["op"] == "Attention" and "k4r" in [o.name for o in fused.graph.output]
+    assert max_diff(model, fused, feeds()) < ATOL
+
+
 # gqa ---------------------------------------------------------------------------------------------
 
 GQA_FLAGS = {"attention_op": "gqa"}
@@ -407,9 +449,19 @@ def test_soft_capped_site_becomes_onnx_attention_with_its_softcap():
     assert max_diff(model, attention_block(), feeds()) > 0.1  # the cap matters on these inputs
 
 
-def test_multi_head_attention_refuses_a_soft_capped_site():
+def test_a_soft_capped_site_is_onnx_attention_on_the_cpu():
     model = attention_block(softcap=2.0)
     tx_pass, fused = run_pass(FuseAttention, model)
+    (site,) = tx_pass.details["sites"]
+    assert (site["status"], site["rule"], site["op"]) == ("fused", "onnx-attention-bsh", "Attention")
+    (node,) = [n for n in fused.graph.node if n.op_type == "Attention"]
+    assert {a.name: a.f for a in node.attribute}["softcap"] == 2.0
+    assert max_diff(model, fused, feeds()) < ATOL
+
+
+def test_multi_head_attention_refuses_a_soft_capped_site():
+    model = attention_block(softcap=2.0)
+    tx_pass, fused = run_pass(FuseAttention, model, target="gpu")
     (site,) = tx_pass.details["sites"]
     assert site["status"] == "unfused"
     assert site["reason"] == (
