@@ -206,10 +206,8 @@ def write(outcome: Outcome, output: str | Path) -> Path:
     path = report.report_path(output)
     with writes.transaction(output.parent) as staging, progress.step(f"writing {output}"):
         clock = report.Phases()
-        modelio.stage_ir(outcome.final, staging, output.name)
+        outcome.report["files"] = dict(sorted(modelio.stage_ir(outcome.final, staging, output.name).items()))
         clock.lap("write")
         outcome.report["resources"] = report.merged(outcome.report.get("resources"), clock.record())
-        model_files = sorted(p for p in staging.path.iterdir() if p.name.startswith(output.name))
-        outcome.report["files"] = {p.name: writes.digest(p) for p in model_files}
         staging.file(path.name).write_text(report.dumps(outcome.report), encoding="utf-8")
     return path

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from txcompile.graph import ort as rt
-from txcompile.graph import streamed, workspace
+from txcompile.graph import streamed, workspace, writes
 from txcompile.pass_manager import ROLLED_BACK, PassManager
 from txcompile.passes.base import PassContext, TxPass
 
@@ -142,7 +142,8 @@ def test_the_streamed_file_is_the_whole_model(tmp_path):
     path = tmp_path / "out.onnx"
     with workspace.Workspace() as space:
         space.adopt(model)
-        streamed.save_inline(model, path)
+        sha256 = streamed.save_inline(model, path)
+    assert sha256 == writes.digest(path)  # hashed while written, the file's own digest
     loaded = onnx.load(path)
     onnx.checker.check_model(loaded)
     assert not any(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)

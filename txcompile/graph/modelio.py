@@ -207,21 +207,21 @@ def stage_model(model: onnx.ModelProto, staging: writes.Staging, name: str) -> P
     return staged
 
 
-def stage_ir(model: ir.Model, staging: writes.Staging, name: str) -> Path:
+def stage_ir(model: ir.Model, staging: writes.Staging, name: str) -> dict[str, str]:
     """``stage_model`` for an onnx_ir model whose weights may be external (a workspace's):
-    streamed to ``name.data`` when over ~2 GB, else into one file (streamed.py)."""
+    streamed to ``name.data`` when over ~2 GB, else into one file (streamed.py). Returns the
+    sha256 of each file written, by name."""
     staged = staging.file(name)
-    if size.ir_tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
-        ir.save(
-            model,
-            staged,
-            format="protobuf",
-            external_data=name + ".data",
-            size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
-        )
-    else:
-        streamed.save_inline(model, staged)
-    return staged
+    if size.ir_tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        return {name: streamed.save_inline(model, staged)}
+    ir.save(
+        model,
+        staged,
+        format="protobuf",
+        external_data=name + ".data",
+        size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+    )
+    return {p.name: writes.digest(p) for p in (staged, staged.with_name(name + ".data")) if p.exists()}
 
 
 def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:

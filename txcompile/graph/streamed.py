@@ -15,6 +15,8 @@ weights, and the weights go file to file into a workspace.
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import mmap
 import os
 
@@ -31,8 +33,10 @@ _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 MIN_REFERENCED_BYTES = 1024  # smaller tensors stay inline
 
 
-def save_inline(model: ir.Model, path: str | os.PathLike) -> None:
-    """``model`` as one protobuf file, its external tensors read one at a time."""
+def save_inline(model: ir.Model, path: str | os.PathLike) -> str:
+    """``model`` as one protobuf file, its external tensors read one at a time; returns the
+    file's sha256. A second thread hashes each tensor's bytes while the kernel copies them
+    (neither holds the GIL), so the digest a report records costs no pass over the file."""
     skeleton = model.clone()
     for graph in skeleton.graphs():
         if graph is not skeleton.graph:  # subgraph weights: few and small, read into memory
@@ -43,20 +47,47 @@ def save_inline(model: ir.Model, path: str | os.PathLike) -> None:
     moved = [v for v in skeleton.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
     for value in moved:
         skeleton.graph.initializers.pop(value.name)
-    with open(path, "wb") as out:
-        out.write(ir.serde.serialize_model(skeleton).SerializeToString())
+    digest = hashlib.sha256()
+    with open(path, "wb") as out, concurrent.futures.ThreadPoolExecutor(1) as hasher:
+        head = ir.serde.serialize_model(skeleton).SerializeToString()
+        out.write(head)
+        digest.update(head)
+        hashing = None
         for value in moved:
-            _write_initializer(out, value.const_value, value.name)
+            tensor = value.const_value
+            prefix = _initializer_prefix(tensor, value.name)
+            out.write(prefix)
+            out.flush()
+            if hashing is not None:
+                hashing.result()
+            digest.update(prefix)
+            hashing = hasher.submit(_hash_external, digest, tensor)
+            tensor.tofile(out)  # file to file in the kernel where it can
+        if hashing is not None:
+            hashing.result()
+    return digest.hexdigest()
 
 
-def _write_initializer(out, tensor: ir.ExternalTensor, name: str) -> None:
+def _initializer_prefix(tensor: ir.ExternalTensor, name: str) -> bytes:
+    """The fields before one initializer's raw bytes: graph { initializer { header, raw_data } }."""
     header = onnx.TensorProto(name=name, data_type=tensor.dtype.value, dims=tensor.shape.numpy())
     tensor_fields = header.SerializeToString() + _key(_TENSOR_RAW_DATA) + _varint(tensor.nbytes)
     tensor_size = len(tensor_fields) + tensor.nbytes
     graph_fields = _key(_GRAPH_INITIALIZER) + _varint(tensor_size)
-    out.write(_key(_MODEL_GRAPH) + _varint(len(graph_fields) + tensor_size) + graph_fields + tensor_fields)
-    out.flush()
-    tensor.tofile(out)  # file to file in the kernel where it can
+    return _key(_MODEL_GRAPH) + _varint(len(graph_fields) + tensor_size) + graph_fields + tensor_fields
+
+
+def _hash_external(digest, tensor: ir.ExternalTensor) -> None:
+    """``digest`` updated with the bytes ``tensor.tofile`` copies, read through a mapping."""
+    start = tensor.offset or 0
+    end = start + (tensor.length or tensor.nbytes)
+    with (
+        open(tensor.path, "rb") as source,
+        mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        memoryview(data) as view,
+        view[start:end] as part,
+    ):
+        digest.update(part)
 
 
 def read_skeleton(path: str | os.PathLike) -> bytes | None:
