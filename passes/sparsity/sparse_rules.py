@@ -20,6 +20,7 @@ from txcompile.graph.build import GraphBuilder
 from txcompile.passes.rules import Rewrite, Rule
 
 from . import column_groups, structured
+from .blocks import zero_fraction
 from .linears import Linear, find_linears
 from .sparse_state import MIN_SPARSITY, SparseState
 
@@ -102,7 +103,7 @@ def _block_sparse_sources(region: structured.ChannelRegion, keep: np.ndarray) ->
     for source in region.sources:
         matrix = source.matrix()
         kept = matrix if keep.all() else matrix[:, keep]  # no copy of a matrix that keeps all
-        if kept.size and 1 - np.count_nonzero(kept) / kept.size >= MIN_SPARSITY:
+        if kept.size and zero_fraction(kept) >= MIN_SPARSITY:
             return True
     return False
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import column_groups, timing
+from .blocks import zero_fraction
 from .linears import Linear, find_linears
 
 MIN_SPARSITY = 0.5  # below this, column groups cannot win (break-even is near 70% at bn=32)
@@ -63,7 +64,7 @@ def decide(linear: Linear, state: SparseState) -> tuple[column_groups.ColumnGrou
     weight = linear.matrix()
     k, n = weight.shape
     entry: dict[str, Any] = {"layer": linear.name, "shape": [k, n], "pattern": "dense"}
-    sparsity = 1 - np.count_nonzero(weight) / weight.size if weight.size else 0.0
+    sparsity = zero_fraction(weight)
     entry["sparsity"] = round(sparsity, 4)
     reason = skip_reason(linear, weight, sparsity, state.opset)
     if reason:

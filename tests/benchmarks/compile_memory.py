@@ -13,7 +13,7 @@ size is that of the compiled model's files.
 
     .venv/bin/python tests/benchmarks/compile_memory.py      # optimize: bert-base, bert-large,
                                                              # llama-0.5b; compile: tinyllama-1.1b
-    .venv/bin/python tests/benchmarks/compile_memory.py --models bert-base --compile "" --json out.json
+    .venv/bin/python tests/benchmarks/compile_memory.py --models bert-base --compile "" --rounds 5
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,11 +161,27 @@ def print_table(title: str, rows: list[dict]) -> None:
     Console().print(table)
 
 
+def interleaved(runs: dict[str, list[str]], rounds: int) -> dict[str, tuple[float, float]]:
+    """(median wall seconds, largest peak GiB) per label, the commands run in turn ``rounds``
+    times, so the machine's drift reaches every tool alike."""
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, command in runs.items():
+            samples[label].append(measured(command))
+    return {
+        label: (statistics.median(s for s, _ in got), max(g for _, g in got))
+        for label, got in samples.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="optimize rows; '' for none")
     parser.add_argument("--compile", default=",".join(COMPILED), help="compile rows; '' for none")
     parser.add_argument("--work", default=None, help="folder for the exports (kept between runs)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="optimize runs per tool, interleaved; medians reported"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="compile-memory-"))
@@ -188,7 +205,7 @@ def main() -> None:
             "txcompile": [*txcompile, "-o", str(out / "tx.onnx")],
             "txcompile --no-verify": [*txcompile, "-o", str(out / "txnv.onnx"), "--no-verify"],
         }
-        timings = {label: measured(command) for label, command in runs.items()}
+        timings = interleaved(runs, args.rounds)
         peer_s, peer_gib = timings["onnxscript"]
         for label, (seconds, gib) in timings.items():
             rows.append(
@@ -206,7 +223,8 @@ def main() -> None:
     for name in filter(None, args.compile.split(",")):
         compiled += compiled_rows(name, work)
     if rows:
-        print_table("optimize: wall time and peak RSS (one run each)", rows)
+        runs = "one run each" if args.rounds == 1 else f"median of {args.rounds} interleaved runs each"
+        print_table(f"optimize: wall time and peak RSS ({runs})", rows)
     if compiled:
         print_table("compile, run, bench: wall time and peak RSS (one run each)", compiled)
     if args.json:
