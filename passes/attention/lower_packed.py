@@ -17,11 +17,10 @@ import onnx_ir as ir
 
 from txcompile.graph.build import GraphBuilder
 from txcompile.graph.nodes import MS_DOMAIN
-from txcompile.passes.attention.bias import AttentionBias, FoldProjectionBias, zero_unattended_rows
+from txcompile.passes.attention.bias import AttentionBias, FoldProjectionBias
 from txcompile.passes.attention.lower_ms import MHA, emit_contrib
-from txcompile.passes.attention.lower_onnx import raise_opset
+from txcompile.passes.attention.lower_onnx import cpu_refusal, emit_bsh, raise_opset
 from txcompile.passes.attention.lowering import Lowering
-from txcompile.passes.attention.output import attach_output
 from txcompile.passes.attention.packing import Packed, packed_projection
 from txcompile.passes.attention.read import AttentionState, Reading
 from txcompile.passes.targets.precision import requested_precision
@@ -105,11 +104,7 @@ class OnnxAttentionMatMul(_PackedLowering):
     softcap = True
 
     def refuse(self, reading: Reading, state: AttentionState) -> str | None:
-        if state.target != "cpu":
-            return "ONNX Attention is the faster form on the CPU only"
-        if state.opset_problem is not None:
-            return state.opset_problem
-        return super().refuse(reading, state)
+        return cpu_refusal(state) or super().refuse(reading, state)
 
     def build(self, model: ir.Model, reading: Reading, state: AttentionState, b: GraphBuilder) -> None:
         raise_opset(model)
@@ -120,12 +115,7 @@ class OnnxAttentionMatMul(_PackedLowering):
         if packed_bias is not None:
             projected = b.op("Add", projected, packed_bias)
         parts = b.ops("Split", [projected], {"axis": -1, "num_outputs": 3}, outputs=3)
-        heads, site = reading.layout.heads, reading.site
-        capping = {"softcap": float(site.softcap)} if site.softcap else {}
-        attributes = {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(site.scale), **capping}
-        output = b.ops("Attention", [*parts] + ([bias] if bias is not None else []), attributes)[0]
-        output = zero_unattended_rows(reading, state, b, bias, output)
-        attach_output(reading, output, state.shapes, b, merged=True)
+        emit_bsh(reading, state, b, list(parts), bias, reading.layout.heads)
 
 
 def _projection(b: GraphBuilder, packed: Packed, packed_bias):
