@@ -53,10 +53,9 @@ class OnnxAttentionBsh(Lowering):
     softcap = True
 
     def refuse(self, reading: Reading, state: AttentionState) -> str | None:
-        if state.target != "cpu":
-            return "ONNX Attention is the faster form on the CPU only"
-        if state.opset_problem is not None:
-            return state.opset_problem
+        reason = cpu_refusal(state)
+        if reason is not None:
+            return reason
         plan = grouped_kv(reading, state)
         if isinstance(plan, str):
             return plan
@@ -72,17 +71,26 @@ class OnnxAttentionBsh(Lowering):
         query_length = b.op("Shape", query, start=1, end=2)
         key_length = b.op("Shape", key, start=1, end=2)
         mask = AttentionBias().build(reading, state, b, query_length, key_length)
-        site = reading.site
-        capping = {"softcap": float(site.softcap)} if site.softcap else {}
-        attributes = {
-            "q_num_heads": reading.layout.heads,
-            "kv_num_heads": kv_heads,
-            "scale": float(site.scale),
-        }
-        inputs = [query, key, value] + ([mask] if mask is not None else [])
-        output = b.ops("Attention", inputs, {**attributes, **capping})[0]
-        output = zero_unattended_rows(reading, state, b, mask, output)
-        attach_output(reading, output, state.shapes, b, merged=True)
+        emit_bsh(reading, state, b, [query, key, value], mask, kv_heads)
+
+
+def cpu_refusal(state: AttentionState) -> str | None:
+    """Why the [B, S, hidden] ONNX Attention forms cannot be used here (None: they can)."""
+    if state.target != "cpu":
+        return "ONNX Attention is the faster form on the CPU only"
+    return state.opset_problem
+
+
+def emit_bsh(
+    reading: Reading, state: AttentionState, b: GraphBuilder, qkv: list, mask, kv_heads: int
+) -> None:
+    """ONNX Attention over [B, S|L, hidden] Q, K, V (and the mask) in place of the site."""
+    site = reading.site
+    capping = {"softcap": float(site.softcap)} if site.softcap else {}
+    attributes = {"q_num_heads": reading.layout.heads, "kv_num_heads": kv_heads, "scale": float(site.scale)}
+    output = b.ops("Attention", qkv + ([mask] if mask is not None else []), {**attributes, **capping})[0]
+    output = zero_unattended_rows(reading, state, b, mask, output)
+    attach_output(reading, output, state.shapes, b, merged=True)
 
 
 def raise_opset(model: ir.Model) -> None:
