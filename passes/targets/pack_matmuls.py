@@ -62,7 +62,7 @@ class PackSiblingMatMuls(Rule):
         return [g for g in groups.values() if len(g.products) >= MIN_PRODUCTS]
 
     def check(self, site: Siblings, state) -> str | None:
-        if state["rows_many"]:
+        if state["keep_apart"]:
             return "fp32 on the CPU without a KV cache: the products run as fast apart, without a Split"
         weights = [_weight(node) for node in site.products]
         packable = [
@@ -112,4 +112,4 @@ class PackMatMuls(RulePass):
             requested_precision(self.options.precision, self.context.target) == "fp32"
         )
         decodes = any(PAST_INPUT.fullmatch(value.name or "") for value in model.graph.inputs)
-        return {"count": 0, "opset": model.opset_imports.get("", 1), "rows_many": fp32_cpu and not decodes}
+        return {"count": 0, "opset": model.opset_imports.get("", 1), "keep_apart": fp32_cpu and not decodes}

@@ -81,6 +81,8 @@ def _hash_external(digest, tensor: ir.ExternalTensor) -> None:
     """``digest`` updated with the bytes ``tensor.tofile`` copies, read through a mapping."""
     start = tensor.offset or 0
     end = start + (tensor.length or tensor.nbytes)
+    if end == start:  # nothing to read, and an empty file cannot be mapped
+        return
     with (
         open(tensor.path, "rb") as source,
         mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ) as data,
