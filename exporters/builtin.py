@@ -266,7 +266,7 @@ def tiny_llama_decoder() -> TorchModel:
         *decoder.past_specs([(kv_heads, head_dim)] * layers),
     ]
     outputs = ["logits", *decoder.present_names(layers)]
-    settings = task_metadata.Generation(eos_ids=(), pad_id=0, max_positions=MAX_POSITIONS)
+    settings = task_metadata.Generation(eos_ids=(), pad_id=0, max_positions=MAX_POSITIONS, sliding_window=0)
     metadata = {task_metadata.TASK_KEY: "text-generation", task_metadata.GENERATION_KEY: settings.to_json()}
     dims = {"batch": 2, "seq": 16, PAST_DIM: 0}
     return TorchModel(

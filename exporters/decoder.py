@@ -87,14 +87,15 @@ def with_past(model: nn.Module, inputs: list[InputSpec], dims: dict[str, int], s
     return wrapper.eval(), specs + past_specs(shapes), outputs, {**dims, PAST_DIM: 0}
 
 
-def generation(model: nn.Module, max_positions: int | None) -> task_metadata.Generation:
-    """The end-of-text and padding ids generate uses: the generation config's, else the model config's."""
+def generation(model: nn.Module, max_positions: int | None, window: int) -> task_metadata.Generation:
+    """The end-of-text and padding ids generate uses: the generation config's, else the model
+    config's; the sliding window (0: none) rides along for the passes that rebuild the mask."""
     configs = [getattr(model, "generation_config", None), model.config]
     eos = next((c.eos_token_id for c in configs if getattr(c, "eos_token_id", None) is not None), None)
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     pad = next((c.pad_token_id for c in configs if getattr(c, "pad_token_id", None) is not None), None)
     pad = pad if isinstance(pad, int) else (eos_ids[0] if eos_ids else 0)
-    return task_metadata.Generation(tuple(int(i) for i in eos_ids), int(pad), max_positions)
+    return task_metadata.Generation(tuple(int(i) for i in eos_ids), int(pad), max_positions, window)
 
 
 class CausalLMWithPast(nn.Module):

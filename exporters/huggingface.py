@@ -97,7 +97,7 @@ def load_hf_folder(
     if chosen is not None and chosen.name == "text-generation":
         wrapper, inputs, outputs, dims = decoder.with_past(model, inputs, dims, source)
         limit = _limit(model.config, "max_position_embeddings", "n_positions")
-        settings = decoder.generation(model, limit if limit < 1 << 20 else None)
+        settings = decoder.generation(model, limit if limit < 1 << 20 else None, window or 0)
         metadata[task_metadata.GENERATION_KEY] = settings.to_json()
         return TorchModel(wrapper, inputs, outputs, source, dims, warnings, metadata, window)
     if chosen is not None and chosen.name == "question-answering":

@@ -18,7 +18,7 @@ from .activations import FuseActivations
 from .bias import AttentionBias, FoldProjectionBias
 from .embed_layernorm import EmbedLayerNormRule, FuseEmbedLayerNorm
 from .fusion import FuseAttention, LowerAttention
-from .lower_gqa import GroupQueryAttention
+from .lower_gqa import CachePaddingBias, GroupQueryAttention
 from .lower_ms import MultiHeadAttentionBnsh, MultiHeadAttentionBsh
 from .lower_onnx import OnnxAttention, OnnxAttentionBsh
 from .lower_packed import OnnxAttentionMatMul, PackedAttention, PackedMatMul

@@ -17,6 +17,7 @@ import dataclasses
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from txcompile.graph import task_metadata
 from txcompile.graph.errors import TxError
 from txcompile.graph.probe import Shapes, probe_shapes, probe_values
 from txcompile.passes.attention import folded_heads, gqa
@@ -136,6 +137,8 @@ class FuseAttention(RulePass):
             terms = [t.value for s in readable for t in s.biases]
             state.mask_values = probe_values(model, terms, feeds) if terms else {}
             state.padding, state.padding_reason = gqa.padding_input(feeds)
+            generation = task_metadata.generation_of(dict(model.metadata_props), "the model")
+            state.sliding_window = generation.sliding_window if generation else None
         return state
 
     def _split_folded_heads(self, model: ir.Model, feeds) -> dict[ir.Node, str]:

@@ -124,6 +124,34 @@ def causal_padding_reason(
     return None if _same(allowed, causal & keep[:, None, None, :]) else "mask is not causal ∧ padding"
 
 
+def cache_padding_reason(
+    site: Site,
+    seq: int,
+    keys: int,
+    values: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray],
+    mask_name: str,
+) -> str | None:
+    """None when the site's bias is exactly causal (counting the past) ∧ key-not-padding on
+    ``feeds``: what a bias of the padding alone gives beside GroupQueryAttention's own causal mask."""
+    if any(term.value.name not in values for term in site.biases):
+        return "mask could not be evaluated"
+    total = np.asarray(sum(term.added(values[term.value.name]) for term in site.biases))
+    if total.ndim > 4:
+        return "mask has more than 4 axes"
+    total = total.reshape((1,) * (4 - total.ndim) + total.shape)
+    allowed = total > BLOCKED
+    if np.any(total[allowed] != 0):
+        return "an additive bias besides the mask"
+    keep = np.asarray(feeds[mask_name]) > 0
+    if keep.ndim != 2 or keep.shape[1] != keys:
+        return f"{mask_name} is not [batch, {keys}] in the verification inputs"
+    if keep.all():
+        return f"the verification inputs do not pad {mask_name}: cannot tell how the mask reaches this site"
+    causal = np.tril(np.ones((seq, keys), bool), keys - seq)[None, None]
+    return None if _same(allowed, causal & keep[:, None, None, :]) else "mask is not causal ∧ padding"
+
+
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     try:
         shape = np.broadcast_shapes(a.shape, b.shape)

@@ -76,6 +76,17 @@ class GroupQueryAttention(Lowering):
         plan = gqa_plan(reading, state)
         return plan if isinstance(plan, str) else None
 
+    def rewrite(self, model: ir.Model, site, state: AttentionState):
+        """The record says which bias a cached site took: the padding alone, or the exporter's
+        mask and why."""
+        reading = state.reading(site)
+        cached = _cache_plan(reading, state) is not None
+        reason = CachePaddingBias().check(reading, state) if cached else None
+        rewrite = super().rewrite(model, site, state)
+        if cached:
+            rewrite.extra["bias"] = "padding only" if reason is None else f"the exporter's mask: {reason}"
+        return rewrite
+
     def build(self, model: ir.Model, reading: Reading, state: AttentionState, b: GraphBuilder) -> None:
         if _cache_plan(reading, state) is not None:
             _build_with_cache(model, reading, state, b)
@@ -128,18 +139,68 @@ def _build_with_cache(model: ir.Model, reading: Reading, state: AttentionState, 
     query_length = b.op("Shape", query, start=1, end=2)
     past_length = b.op("Shape", past_key, start=2, end=3)
     key_length = b.op("Add", past_length, query_length)
-    bias = AttentionBias().build(reading, state, b, query_length, key_length)
+    padding = CachePaddingBias()
+    padding_only = padding.check(reading, state) is None
+    if padding_only:
+        bias = padding.build(model, state, b, query_length)
+    else:
+        bias = AttentionBias().build(reading, state, b, query_length, key_length)
     seqlens, total = _cache_lengths(state, b, bias, query, key_length)
     inputs = [query, new_key, new_value, past_key, past_value, seqlens, total]
     inputs += [None, None, None, bias]
     attributes = _attributes(site, layout.heads, kv_heads)
     output, key_out, value_out = b.ops("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, outputs=3)
-    output = zero_unattended_rows(reading, state, b, bias, output)
+    if not padding_only:  # a finite blocked value leaves no NaN for a query that sees no key
+        output = zero_unattended_rows(reading, state, b, bias, output)
     attach_output(reading, output, state.shapes, b, merged=True)
     for old, new in ((present_key, key_out), (present_value, value_out)):
         name = old.name
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         old.name, new.name = f"{name}_concat", name
+
+
+class CachePaddingBias:
+    """GroupQueryAttention over a cache applies the causal mask itself, so when the site's mask
+    is just causal ∧ key-not-padding its bias can be the padding alone, built from the mask
+    input in six small nodes instead of the exporter's few dozen, with a finite blocked value
+    (then no query gets NaN, and the NaN guard's Where per layer goes too). Whether the mask is
+    that is read off the verification inputs — except a sliding window wider than they are
+    long, which is why the decoder's generation metadata must say it has none."""
+
+    name = "cache-padding-bias"
+
+    def check(self, reading: Reading, state: AttentionState) -> str | None:
+        if state.target != "cpu":
+            return "the CPU only (a float16 bias would turn the blocked value into −∞)"
+        if state.sliding_window is None:
+            return "the model's sliding window is not recorded (txcompile.generation metadata)"
+        if state.sliding_window:
+            return f"a {state.sliding_window}-token sliding window: the exporter's mask keeps it"
+        if state.padding is None:
+            return state.padding_reason or "no 2-D attention-mask input"
+        layout = reading.layout
+        return gqa.cache_padding_reason(
+            reading.site, layout.seq, layout.keys, state.mask_values, state.feeds, state.padding
+        )
+
+    def build(self, model: ir.Model, state: AttentionState, b: GraphBuilder, query_length) -> ir.Value:
+        """[B, 1, S, total]: the float32 minimum where the mask is 0, else 0; one for all layers."""
+        key = (self.name, state.padding)
+        if key in state.bias_cache:
+            return state.bias_cache[key]
+        mask = next(v for v in model.graph.inputs if v.name == state.padding)
+        zero = b.const(np.array(0, mask.dtype.numpy()))
+        blocked = b.const(np.array(np.finfo(np.float32).min, np.float32))
+        rows = b.op("Where", b.op("Equal", mask, zero), blocked, b.const(np.array(0, np.float32)))
+        if state.opset >= 13:
+            rows = b.op("Unsqueeze", rows, b.const(np.array([1, 2], np.int64)))
+        else:
+            rows = b.op("Unsqueeze", rows, axes=[1, 2])
+        ones, one = b.const(np.array([1, 1], np.int64)), b.const(np.array([1], np.int64))
+        bias = b.op("Expand", rows, b.op("Concat", ones, query_length, one, axis=0))
+        state.counts[self.name] += 1
+        state.bias_cache[key] = bias
+        return bias
 
 
 def _attributes(site, heads: int, kv_heads: int) -> dict:

@@ -71,6 +71,7 @@ class AttentionState:
     opset_problem: str | None = None  # why it cannot be raised to ONNX Attention's 23, if it cannot
     mask_values: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # GQA's mask check
     padding: str | None = None  # the 2-D attention-mask input GroupQueryAttention reads
+    sliding_window: int | None = None  # the decoder's, from its generation metadata (0: none; None: unknown)
     padding_reason: str | None = None
     bias_cache: dict[tuple, ir.Value] = dataclasses.field(default_factory=dict)
     lengths_cache: dict[object, tuple[ir.Value, ir.Value]] = dataclasses.field(default_factory=dict)

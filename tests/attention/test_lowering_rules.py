@@ -89,6 +89,7 @@ def test_the_family_lists_every_rule_name():
         "onnx-attention-bsh",
         "fold-projection-bias",
         "attention-bias",
+        "cache-padding-bias",
     }
     names |= {"read-attention"}
     names |= {"embed-layer-norm", "rotary-embedding"}  # the family's other RulePasses

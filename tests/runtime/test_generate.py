@@ -273,3 +273,69 @@ def test_int4_takes_gpt2s_gemms_and_its_tied_head(tmp_path):
     assert quantize["rule_counts"]["int4-matmul"] == quantize["details"]["quantized"] == 9
     generated = Generator(result.save(tmp_path / "gpt2-int4.onnx")).generate(PROMPTS, 8, eos_ids=[])
     assert [len(ids) for ids in generated.ids] == [8, 8]
+
+
+def _gqa_sites(result) -> list[dict]:
+    return next(r for r in result.report["passes"] if r["name"] == "fuse-attention")["details"]["sites"]
+
+
+def test_a_cached_site_takes_the_padding_alone_as_its_bias(tmp_path):
+    """cache-padding-bias: the built-in decoder's mask is causal ∧ padding and it records no
+    sliding window, so GroupQueryAttention gets a bias of the padding only (finite, so no NaN
+    guard after it) and the exporter's mask subgraph goes; same ids as the torch loop."""
+    torch_model = api._exporters().load_model_spec("tiny-llama-decoder")
+    result = api.compile("tiny-llama-decoder", attention_op="gqa")
+    assert result.passed is True and result.report["verification"]["decode_steps"]["max_diff"] < 1e-4
+    assert [s["bias"] for s in _gqa_sites(result)] == ["padding only"] * 2
+    model = result.model
+    producers = {o: n for n in model.graph.node for o in n.output}
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {producers[n.input[10]].op_type for n in attention} == {"Expand"}
+    outputs = {a.output[0] for a in attention}
+    assert not any(n.op_type == "Where" and set(n.input) & outputs for n in model.graph.node)
+    assert "Trilu" not in {n.op_type for n in model.graph.node}  # the exporter's causal mask went
+    path = result.save(tmp_path / "tiny.onnx")
+    assert Generator(path).generate(PROMPTS, 16).ids == torch_greedy(torch_model, PROMPTS, 16)
+
+
+def test_a_decoder_with_a_sliding_window_keeps_the_exporters_mask(tmp_path):
+    """A window wider than the verification inputs would look like none on them: a recorded
+    window keeps the exporter's mask, and the NaN guard with it."""
+    folder, result, path = _compiled(tmp_path, "MistralForCausalLM", attention_op="gqa")
+    window = json.loads((folder / "config.json").read_text())["sliding_window"]
+    reasons = {s["bias"] for s in _gqa_sites(result)}
+    assert reasons == {f"the exporter's mask: a {window}-token sliding window: the exporter's mask keeps it"}
+    expected = transformers_greedy(folder, PROMPTS, NEW_TOKENS, 1)
+    assert Generator(path).generate(PROMPTS, NEW_TOKENS, eos_ids=[]).ids == expected
+
+
+def test_a_decoder_whose_window_is_not_recorded_keeps_the_exporters_mask(tmp_path):
+    """A graph whose txcompile.generation metadata predates the sliding_window field (or comes
+    from elsewhere) may hide a window: the exporter's mask stays, with the reason."""
+    torch_model, exported, dims = api.export("tiny-llama-decoder")
+    props = exported.ir_model.metadata_props
+    fields = json.loads(props["txcompile.generation"])
+    del fields["sliding_window"]
+    props["txcompile.generation"] = json.dumps(fields)
+    result = api.compile_exported(torch_model, exported, api.settings(dims=dims, attention_op="gqa"))
+    assert result.passed is True
+    assert {s["bias"] for s in _gqa_sites(result)} == {
+        "the exporter's mask: the model's sliding window is not recorded (txcompile.generation metadata)"
+    }
+
+
+def test_the_generation_metadata_records_the_sliding_window():
+    from txcompile.graph import task_metadata
+
+    recorded = task_metadata.Generation((2,), 0, 64, sliding_window=8)
+    props = {task_metadata.GENERATION_KEY: recorded.to_json()}
+    assert task_metadata.generation_of(props, "m") == recorded
+    older = task_metadata.Generation((2,), 0, 64)  # written before the field: not recorded
+    assert "sliding_window" not in older.to_json()
+    assert (
+        task_metadata.generation_of({task_metadata.GENERATION_KEY: older.to_json()}, "m").sliding_window
+        is None
+    )
+    bad = json.dumps({"eos_ids": [2], "pad_id": 0, "max_positions": 64, "sliding_window": -1})
+    with pytest.raises(TxError, match="is not an object of eos_ids, pad_id, max_positions"):
+        task_metadata.generation_of({task_metadata.GENERATION_KEY: bad}, "m")

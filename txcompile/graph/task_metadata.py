@@ -45,11 +45,13 @@ class Generation:
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
     max_positions: int | None = None  # None: no learned or configured limit
+    sliding_window: int | None = None  # keys a token sees at most; 0: all of them; None: not recorded
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"eos_ids": list(self.eos_ids), "pad_id": self.pad_id, "max_positions": self.max_positions}
-        )
+        fields = {"eos_ids": list(self.eos_ids), "pad_id": self.pad_id, "max_positions": self.max_positions}
+        if self.sliding_window is not None:
+            fields["sliding_window"] = self.sliding_window
+        return json.dumps(fields)
 
 
 def read(model: onnx.ModelProto, where: str) -> TaskInfo:
@@ -64,7 +66,7 @@ def read(model: onnx.ModelProto, where: str) -> TaskInfo:
             labels = {int(k): str(v) for k, v in raw.items()}
         except (ValueError, TypeError, AttributeError, RecursionError):
             raise TxError(f"{where}: metadata {LABELS_KEY} is not a JSON object of index: label") from None
-    generation = _generation(props[GENERATION_KEY], where) if GENERATION_KEY in props else None
+    generation = generation_of(props, where)
     return TaskInfo(task, labels, props.get(TOKENIZER_KEY), generation)
 
 
@@ -79,8 +81,16 @@ def _generation(text: str, where: str) -> Generation:
             raise ValueError("ids are not integers in [0, 2^31)")
         if limit is not None and not (is_id(limit) and limit > 0):
             raise ValueError("max_positions is not a positive integer")
-    except (ValueError, TypeError, KeyError, RecursionError):
+        window = raw.get("sliding_window")
+        if window is not None and not is_id(window):
+            raise ValueError("sliding_window is not an integer in [0, 2^31)")
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         raise TxError(
             f"{where}: metadata {GENERATION_KEY} is not an object of eos_ids, pad_id, max_positions"
         ) from None
-    return Generation(tuple(eos), pad, limit)
+    return Generation(tuple(eos), pad, limit, window)
+
+
+def generation_of(props: dict[str, str], where: str) -> Generation | None:
+    """The decoder settings recorded in metadata properties, if any."""
+    return _generation(props[GENERATION_KEY], where) if GENERATION_KEY in props else None
