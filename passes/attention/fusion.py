@@ -52,6 +52,16 @@ LOWERINGS = {
 ATTENTION_OPS = tuple(LOWERINGS)
 
 
+def _recorded_window(model: ir.Model) -> int | None:
+    """The decoder's sliding window from its generation metadata (0: none), None when not
+    recorded or unreadable (``generate`` is the one to complain about the latter)."""
+    try:
+        generation = task_metadata.generation_of(dict(model.metadata_props), "the model")
+    except TxError:
+        return None
+    return generation.sliding_window if generation else None
+
+
 def lowerings(attention_op: str) -> tuple[Lowering, ...]:
     """The lowerings to try, first fit wins: the op ``--attention-op`` names, then the
     MultiHeadAttention forms (which of those fits is the site's layout and the precision).
@@ -137,8 +147,7 @@ class FuseAttention(RulePass):
             terms = [t.value for s in readable for t in s.biases]
             state.mask_values = probe_values(model, terms, feeds) if terms else {}
             state.padding, state.padding_reason = gqa.padding_input(feeds)
-            generation = task_metadata.generation_of(dict(model.metadata_props), "the model")
-            state.sliding_window = generation.sliding_window if generation else None
+            state.sliding_window = _recorded_window(model)
         return state
 
     def _split_folded_heads(self, model: ir.Model, feeds) -> dict[ir.Node, str]:
