@@ -102,15 +102,9 @@ def causal_padding_reason(
     """None when the site's bias is exactly causal ∧ key-not-padding on ``feeds``, else why not."""
     if not site.biases:
         return "no causal mask"
-    if any(term.value.name not in values for term in site.biases):
-        return "mask could not be evaluated"
-    total = np.asarray(sum(term.added(values[term.value.name]) for term in site.biases))
-    if total.ndim > 4:
-        return "mask has more than 4 axes"
-    total = total.reshape((1,) * (4 - total.ndim) + total.shape)
-    allowed = total > BLOCKED
-    if np.any(total[allowed] != 0):
-        return "an additive bias besides the mask (GroupQueryAttention takes none)"
+    allowed = _allowed_keys(site, values)
+    if isinstance(allowed, str):
+        return allowed
     if seq != keys:
         return f"queries ({seq}) and keys ({keys}) differ in length"
     causal = np.tril(np.ones((seq, keys), bool))[None, None]
@@ -134,6 +128,21 @@ def cache_padding_reason(
 ) -> str | None:
     """None when the site's bias is exactly causal (counting the past) ∧ key-not-padding on
     ``feeds``: what a bias of the padding alone gives beside GroupQueryAttention's own causal mask."""
+    allowed = _allowed_keys(site, values)
+    if isinstance(allowed, str):
+        return allowed
+    keep = np.asarray(feeds[mask_name]) > 0
+    if keep.ndim != 2 or keep.shape[1] != keys:
+        return f"{mask_name} is not [batch, {keys}] in the verification inputs"
+    if keep.all():
+        return f"the verification inputs do not pad {mask_name}: cannot tell how the mask reaches this site"
+    causal = np.tril(np.ones((seq, keys), bool), keys - seq)[None, None]
+    return None if _same(allowed, causal & keep[:, None, None, :]) else "mask is not causal ∧ padding"
+
+
+def _allowed_keys(site: Site, values: Mapping[str, np.ndarray]) -> np.ndarray | str:
+    """[B|1, N|1, S, L]: which keys the site's mask lets each query see on the probed values —
+    or why that cannot be read, or why more than a mask is added."""
     if any(term.value.name not in values for term in site.biases):
         return "mask could not be evaluated"
     total = np.asarray(sum(term.added(values[term.value.name]) for term in site.biases))
@@ -142,14 +151,8 @@ def cache_padding_reason(
     total = total.reshape((1,) * (4 - total.ndim) + total.shape)
     allowed = total > BLOCKED
     if np.any(total[allowed] != 0):
-        return "an additive bias besides the mask"
-    keep = np.asarray(feeds[mask_name]) > 0
-    if keep.ndim != 2 or keep.shape[1] != keys:
-        return f"{mask_name} is not [batch, {keys}] in the verification inputs"
-    if keep.all():
-        return f"the verification inputs do not pad {mask_name}: cannot tell how the mask reaches this site"
-    causal = np.tril(np.ones((seq, keys), bool), keys - seq)[None, None]
-    return None if _same(allowed, causal & keep[:, None, None, :]) else "mask is not causal ∧ padding"
+        return "an additive bias besides the mask (GroupQueryAttention takes none)"
+    return allowed
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
