@@ -124,16 +124,10 @@ def zero_unattended_rows(
         return output
     key = ("unattended", id(bias), split_heads)
     if key not in state.bias_cache:
-        if state.opset >= 18:
-            top = b.op("ReduceMax", bias, b.const(np.array([-1], np.int64)), keepdims=1)
-        else:
-            top = b.op("ReduceMax", bias, axes=[-1], keepdims=1)
+        top = b.axes_op("ReduceMax", bias, [-1], state.opset, keepdims=1)
         rows = b.op("IsInf", top, detect_positive=0)  # [B|1, 1, S, 1]
         if not split_heads:
-            if state.opset >= 13:
-                rows = b.op("Squeeze", rows, b.const(np.array([1], np.int64)))
-            else:
-                rows = b.op("Squeeze", rows, axes=[1])
+            rows = b.axes_op("Squeeze", rows, [1], state.opset)
         state.bias_cache[key] = rows
     return b.op("Where", state.bias_cache[key], b.const(np.array(0.0, np.float32)), output)
 

@@ -188,19 +188,21 @@ class CachePaddingBias:
         key = (self.name, state.padding)
         if key in state.bias_cache:
             return state.bias_cache[key]
-        mask = next(v for v in model.graph.inputs if v.name == state.padding)
+        mask = _mask_input(model, state)
         zero = b.const(np.array(0, mask.dtype.numpy()))
         blocked = b.const(np.array(np.finfo(np.float32).min, np.float32))
         rows = b.op("Where", b.op("Equal", mask, zero), blocked, b.const(np.array(0, np.float32)))
-        if state.opset >= 13:
-            rows = b.op("Unsqueeze", rows, b.const(np.array([1, 2], np.int64)))
-        else:
-            rows = b.op("Unsqueeze", rows, axes=[1, 2])
+        rows = b.axes_op("Unsqueeze", rows, [1, 2], state.opset)
         ones, one = b.const(np.array([1, 1], np.int64)), b.const(np.array([1], np.int64))
         bias = b.op("Expand", rows, b.op("Concat", ones, query_length, one, axis=0))
         state.counts[self.name] += 1
         state.bias_cache[key] = bias
         return bias
+
+
+def _mask_input(model: ir.Model, state: AttentionState) -> ir.Value:
+    """The 2-D attention-mask graph input the lengths and the padding bias are read from."""
+    return next(v for v in model.graph.inputs if v.name == state.padding)
 
 
 def _attributes(site, heads: int, kv_heads: int) -> dict:
@@ -236,7 +238,7 @@ def _lengths(model: ir.Model, key: ir.Value, state: AttentionState, b: GraphBuil
         total = b.op("Cast", b.op("Squeeze", b.op("Shape", key, start=1, end=2)), to=int32)
         batch = b.op("Shape", key, start=0, end=1)
         return b.op("Expand", b.op("Sub", total, one), batch), total
-    mask = next(v for v in model.graph.inputs if v.name == state.padding)
+    mask = _mask_input(model, state)
     axis = b.const(np.array([1], np.int64))
     valid = b.op("ReduceSum", b.op("Cast", mask, to=int32), axis, keepdims=0)
     seqlens = b.op("Sub", valid, one)

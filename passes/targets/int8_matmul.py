@@ -197,9 +197,7 @@ class Emitter:
         return self.builder.const(np.ascontiguousarray(array))
 
     def _reduce(self, op: str, x: ir.Value) -> ir.Value:
-        if self.opset >= 18:
-            return self.builder.op(op, x, self.const(np.array([-1], np.int64)), keepdims=0)
-        return self.builder.op(op, x, axes=[-1], keepdims=0)
+        return self.builder.axes_op(op, x, [-1], self.opset, keepdims=0)
 
     def quantize(self, x: ir.Value, k: int, scheme: Scheme) -> tuple[ir.Value, ir.Value | None]:
         """Per token: (uint8 X [M, K], its per-row scale [M, 1]); per tensor: (X, smoothed if

@@ -26,6 +26,9 @@ def side_by_side(parts: Sequence[np.ndarray | ir.TensorProtocol]) -> ir.LazyTens
     return ir.LazyTensor(concatenate, dtype=ir.DataType.FLOAT, shape=ir.Shape([rows, columns]))
 
 
+AXES_INPUT_SINCE = {"Squeeze": 13, "Unsqueeze": 13, "ReduceSum": 13}  # other Reduce*: 18
+
+
 class GraphBuilder:
     """New nodes and constants for one site; ``commit`` inserts them before ``anchor``."""
 
@@ -53,6 +56,14 @@ class GraphBuilder:
         )
         self.nodes.append(node)
         return list(node.outputs)
+
+    def axes_op(self, op_type: str, x: ir.Value, axes: Sequence[int], opset: int, **attributes) -> ir.Value:
+        """``op_type`` over ``axes``, written as ``opset`` takes them: an input from the opset
+        that moved them there (13 for Squeeze, Unsqueeze and ReduceSum, 18 for the other
+        reductions), an attribute before."""
+        if opset >= AXES_INPUT_SINCE.get(op_type, 18):
+            return self.op(op_type, x, self.const(np.array(axes, np.int64)), **attributes)
+        return self.op(op_type, x, axes=list(axes), **attributes)
 
     def const(self, value, dtype=None) -> ir.Value:
         """An initializer; an array keeps its dtype, a Python number or list becomes float32
